@@ -1,0 +1,29 @@
+"""tiny: a 4-layer Llama-style model trained on the embedded stdlib corpus on a laptop CPU.
+
+    lmjax train --config configs/tiny.py --workdir runs/tiny
+    lmjax sample --workdir runs/tiny --prompt "Return the"
+
+Expect (2-core CPU, ~6 min): val bits/byte about 2.0 against ~4.5 for a unigram model, and samples that
+read like docstrings ("Return the number of ...").
+"""
+
+from lmjax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.family = "llama"
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.d_model = 256
+    c.model.d_ff = 768
+    c.model.seq_len = 256
+    c.train.steps = 600
+    c.train.batch_size = 16
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 50
+    c.train.eval_every = 200
+    c.train.ckpt_every = 200
+    c.tokenizer.vocab_size = 4096
+    return c

@@ -1,0 +1,1 @@
+"""lmjax: build a small ChatGPT-like model end to end in JAX."""

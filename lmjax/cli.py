@@ -1,0 +1,128 @@
+"""The `lmjax` command: parses arguments and calls one function per subcommand.
+
+    lmjax train  --config configs/tiny.py [--config.model.num_layers=2 ...] --workdir runs/x
+    lmjax sample --workdir runs/x --prompt "Return the" [--max-new-tokens 100 --temperature 0.8 ...]
+    lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
+
+Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in configs, workdirs and
+checkpoints are printed as one line and exit with status 2.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lmjax.config import ConfigError, apply_overrides, load_config
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override {arg} has no value")
+                body, i = f"{body}={argv[i + 1]}", i + 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _config(args: argparse.Namespace, overrides: list[str]):
+    return apply_overrides(load_config(args.config), overrides)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.train.loop import train
+    from lmjax.workdir import Workdir
+
+    wd = Workdir(args.workdir)
+    if args.config:
+        cfg = _config(args, overrides)
+    elif wd.has_config():
+        cfg = apply_overrides(wd.load_config(), overrides)
+    else:
+        raise ConfigError(f"--config is required: {wd.path} holds no config.json to resume from")
+    result = train(cfg, wd.path)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.infer.sampler import Sampler
+    from lmjax.workdir import open_workdir, restore_model
+
+    if overrides:
+        raise ConfigError("sample takes no --config overrides (the run's config is used)")
+    cfg, graphdef, params, tokenizer = restore_model(open_workdir(args.workdir), args.step)
+    sampler = Sampler(cfg.model, graphdef, params, tokenizer)
+    prompts = [args.prompt] * args.num_samples
+    texts = sampler.generate(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             args.stop, args.seed)
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+
+    from lmjax.plan import format_plan, plan
+
+    cfg = _config(args, overrides)
+    print(format_plan(plan(cfg, args.devices or jax.device_count()), args.device_memory_gb))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmjax", description="Train and sample small language models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (resumes if the workdir has checkpoints)")
+    p.add_argument("--config", help="config file (default: the workdir's config.json when resuming)")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, help="completions drawn as one batch")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
+    p.add_argument("--config", required=True, help="config file")
+    p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: those present)")
+    p.add_argument("--device-memory-gb", type=float, default=0.0, help="say whether the state fits this")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lmjax.train.checkpoint import CheckpointError
+    from lmjax.workdir import WorkdirError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        args.func(args, overrides)
+    except (ConfigError, WorkdirError, CheckpointError, ValueError) as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

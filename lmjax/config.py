@@ -1,0 +1,242 @@
+"""Configs: every knob with its default, loading config files, command-line overrides, validation.
+
+A config file is a Python file whose `get_config()` returns `base_config()` with some knobs changed.
+Overrides look like `--config.model.num_layers=2`; unknown keys and values of the wrong type fail
+with a `ConfigError` that names the key.
+"""
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+from ml_collections import ConfigDict
+
+FAMILIES = ("gpt2", "llama")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used."""
+
+
+def base_config() -> ConfigDict:
+    """All knobs with their defaults; config files change some of them."""
+    c = ConfigDict()
+
+    c.model = m = ConfigDict()
+    m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
+    m.vocab_size = 0  # 0 = take it from the tokenizer
+    m.num_layers = 4  # transformer blocks
+    m.num_heads = 4  # query heads
+    m.num_kv_heads = 0  # key/value heads for grouped-query attention; 0 = num_heads
+    m.head_dim = 0  # per-head width; 0 = d_model // num_heads
+    m.d_model = 256  # residual stream width
+    m.d_ff = 768  # MLP hidden width
+    m.seq_len = 256  # training context length (also the longest prompt + reply when sampling)
+    m.dropout = 0.0  # dropout on embeddings, attention output and MLP output
+    m.dtype = "bfloat16"  # compute dtype of activations and matmul inputs (matmuls accumulate in float32)
+    m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+    m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
+    m.rope_theta = 10000.0  # RoPE base frequency (llama family)
+    m.tie_embeddings = False  # share the input embedding with the output projection
+
+    c.train = t = ConfigDict()
+    t.steps = 1000  # optimizer steps in total
+    t.batch_size = 16  # global batch in sequences per optimizer step (all processes, all micro-batches)
+    t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
+    t.lr = 1e-3  # peak learning rate
+    t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+    t.warmup_steps = 100  # linear warm-up from 0 to the peak
+    t.decay = "cosine"  # shape of the decay after warm-up: "cosine", "linear" or "constant"
+    t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms and biases)
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.eps = 1e-8  # AdamW epsilon
+    t.grad_clip = 1.0  # clip gradients to this global norm; 0 = no clipping
+    t.log_every = 10  # steps between console / metrics.jsonl lines
+    t.eval_every = 200  # steps between validation runs; 0 = only at the end
+    t.eval_steps = 10  # validation batches per evaluation
+    t.ckpt_every = 200  # steps between checkpoints (one is always written at the end and on SIGTERM)
+    t.keep_ckpts = 3  # checkpoints kept on disk
+    t.seed = 0  # seeds parameters, dropout and data order
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
+    t.samples = ("The ", "Return the ")  # prompts sampled into samples.txt at the end of training
+
+    c.data = d = ConfigDict()
+    d.train = "stdlib"  # source spec: stdlib | text:GLOB | jsonl:GLOB[:field]
+    d.val = "stdlib:val"  # held-out source spec
+
+    c.tokenizer = k = ConfigDict()
+    k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
+    k.vocab_size = 4096  # vocabulary size when training a tokenizer
+    k.path = ""  # directory of an existing tokenizer.model; "" = train one on data.train
+
+    c.mesh = s = ConfigDict()
+    s.data = -1  # data-parallel axis size; -1 = all devices left over
+    s.fsdp = 1  # parameter-sharding axis size
+    s.tensor = 1  # tensor-parallel axis size
+    s.rules = r = ConfigDict()  # logical axis -> comma-separated mesh axes ("" = replicated)
+    r.batch = "data,fsdp"
+    r.length = ""
+    r.embed = "fsdp"
+    r.vocab = "tensor"
+    r.heads = "tensor"
+    r.kv_heads = "tensor"
+    r.head_dim = ""
+    r.mlp = "tensor"
+    r.position = ""
+    return c
+
+
+def load_config(path: str | Path) -> ConfigDict:
+    """Runs `get_config()` from a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"lmjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    cfg = module.get_config()
+    if not isinstance(cfg, ConfigDict):
+        raise ConfigError(f"get_config() in {path} returned {type(cfg).__name__}, not a ConfigDict")
+    return cfg
+
+
+def config_from_json(text: str) -> ConfigDict:
+    """Rebuilds a config saved with `cfg.to_json()` on top of the defaults (so new knobs get defaults)."""
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"saved config is not valid JSON: {e}") from e
+    cfg = base_config()
+    _merge(cfg, saved, prefix="")
+    return cfg
+
+
+def _merge(cfg: ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        name = prefix + key
+        if key not in cfg:
+            raise ConfigError(f"unknown config key {name!r}")
+        if isinstance(cfg[key], ConfigDict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name!r} is a group, got {value!r}")
+            _merge(cfg[key], value, name + ".")
+        else:
+            cfg[key] = _coerce(name, cfg[key], value)
+
+
+def _coerce(name: str, current, value):
+    """Converts `value` (a string from the command line, or JSON) to the type of the current value."""
+    kind = type(current)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind in (tuple, list):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if value else []
+            return tuple(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} expects {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+    """Applies `key.path=value` strings (the part after `--config.`) to a copy of `cfg`."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, value = item.split("=", 1)
+        *groups, leaf = path.split(".")
+        node = cfg
+        walked = []
+        for g in groups:
+            walked.append(g)
+            if g not in node or not isinstance(node[g], ConfigDict):
+                raise ConfigError(f"unknown config group {'.'.join(walked)!r}; known: {sorted(node.keys())}")
+            node = node[g]
+        if leaf not in node or isinstance(node[leaf], ConfigDict):
+            raise ConfigError(f"unknown config key {path!r}; known here: {sorted(node.keys())}")
+        node[leaf] = _coerce(path, node[leaf], value)
+    return cfg
+
+
+def validate(cfg: ConfigDict) -> ConfigDict:
+    """Checks values that would otherwise fail deep inside JAX; returns `cfg` unchanged."""
+    base = base_config()
+    for group in base:
+        if group not in cfg:
+            raise ConfigError(f"config has no {group!r} group")
+        extra = set(cfg[group].keys()) - set(base[group].keys())
+        if extra and group not in ("mesh",):
+            raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")
+    m, t = cfg.model, cfg.train
+    _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
+    for key in ("dtype", "param_dtype"):
+        _check(m[key] in DTYPES, f"model.{key} must be one of {DTYPES}, got {m[key]!r}")
+    for key in ("num_layers", "num_heads", "d_model", "d_ff", "seq_len"):
+        _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+    kv = m.num_kv_heads or m.num_heads
+    _check(m.num_heads % kv == 0, f"model.num_heads ({m.num_heads}) must be a multiple of num_kv_heads ({kv})")
+    _check(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+           f"model.d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless head_dim is set")
+    _check(m.family != "llama" or head_dim(m) % 2 == 0, "llama head_dim must be even for RoPE")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+           f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")
+    _check(t.decay in ("cosine", "linear", "constant"), f"train.decay must be cosine|linear|constant, got {t.decay!r}")
+    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.log_every > 0 and t.ckpt_every > 0 and t.eval_steps > 0,
+           "train.log_every, train.ckpt_every and train.eval_steps must be positive")
+    _check(cfg.tokenizer.kind in ("bpe", "unigram", "char"),
+           f"tokenizer.kind must be bpe|unigram|char, got {cfg.tokenizer.kind!r}")
+    for axis in MESH_AXES:
+        size = cfg.mesh[axis]
+        _check(size == -1 or size > 0, f"mesh.{axis} must be positive or -1, got {size}")
+    _check(sum(cfg.mesh[a] == -1 for a in MESH_AXES) <= 1, "at most one mesh axis may be -1")
+    for logical, axes in cfg.mesh.rules.items():
+        for axis in filter(None, axes.split(",")):
+            _check(axis in MESH_AXES, f"mesh.rules.{logical} names unknown mesh axis {axis!r}")
+    return cfg
+
+
+def head_dim(model_cfg: ConfigDict) -> int:
+    """Per-head width: `head_dim` if set, else d_model // num_heads."""
+    return model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+
+
+def kv_heads(model_cfg: ConfigDict) -> int:
+    """Number of key/value heads (num_heads when not grouped)."""
+    return model_cfg.num_kv_heads or model_cfg.num_heads
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

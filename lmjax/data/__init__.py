@@ -1,0 +1,1 @@
+"""Data layer: document sources, the SentencePiece tokenizer and packed grain pipelines."""

@@ -1,0 +1,1 @@
+"""Evaluation: baselines, perplexity and bits per byte."""

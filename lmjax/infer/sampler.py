@@ -1,0 +1,126 @@
+"""Text generation: one prefill over the (left-padded) prompts, then one cached decode step per token.
+
+`prefill` and `decode` are pure and jitted once per (batch size, prompt bucket) and (batch size,
+cache length); sampling settings are traced arguments, so changing them never recompiles.
+"""
+
+import collections
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.model.params import Params
+from lmjax.model.transformer import init_cache
+
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this so prefill compiles for few lengths
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+    """Next tokens [B] from logits [B, V]: greedy when temperature <= 0, else softmax(logits / T)
+    restricted to the top_k most likely tokens (0 = all) and the smallest set of mass >= top_p."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranked = jnp.where(rank < k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    sampled = jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf))
+    return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+
+def prefill(params: Params, tokens: jax.Array, valid: jax.Array, cache: dict, *,
+            graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """Runs left-padded prompts [B, P] (`valid` marks real tokens) into an empty cache; returns the
+    logits after each prompt's last token [B, V] and the filled cache."""
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    logits, cache = nnx.merge(graphdef, params)(tokens, positions, valid.astype(jnp.int32), cache=cache)
+    return logits[:, -1], cache
+
+
+def decode(params: Params, token: jax.Array, position: jax.Array, cache: dict, rng: jax.Array,
+           temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+           graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """Feeds one token per row [B] at `position` [B]; returns the sampled next tokens and the cache."""
+    logits, cache = nnx.merge(graphdef, params)(
+        token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache=cache)
+    return sample_logits(logits[:, 0], rng, temperature, top_k, top_p), cache
+
+
+class Sampler:
+    """Generates text from a model's parameters with a KV cache of `max_len` slots."""
+
+    def __init__(self, model_cfg: ConfigDict, graphdef: nnx.GraphDef, params: Params, tokenizer: Tokenizer,
+                 max_len: int | None = None):
+        self.cfg = model_cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_len = max_len or model_cfg.seq_len
+        if self.max_len > model_cfg.seq_len and model_cfg.family == "gpt2":
+            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({model_cfg.seq_len})")
+        self._prefill = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
+        self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=3)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0) -> list[str]:
+        """Completions of `prompts` (a batch of any lengths), cut at eos, a stop string or max_new_tokens."""
+        last = collections.deque(self.stream(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed), 1)
+        return last[0] if last else [""] * len(prompts)
+
+    def stream(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
+               prompt_ids: Sequence[Sequence[int]] | None = None) -> Iterator[list[str]]:
+        """Yields the completions so far after every decoded token. `prompt_ids` (already tokenized,
+        e.g. a chat template) replaces `prompts` when given."""
+        ids = [list(p) for p in prompt_ids] if prompt_ids is not None else [
+            [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
+        batch, longest = len(ids), max(len(p) for p in ids)
+        if longest >= self.max_len:
+            raise ValueError(f"prompt is {longest} tokens but the model's context is {self.max_len}; "
+                             f"shorten it to at most {self.max_len - 1} tokens")
+        max_new_tokens = max(0, min(max_new_tokens, self.max_len - longest))
+        bucket = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        width = max(longest, min(bucket, self.max_len - max_new_tokens))
+        tokens = np.zeros((batch, width), np.int32)
+        valid = np.zeros((batch, width), bool)
+        for row, p in enumerate(ids):
+            tokens[row, width - len(p):] = p
+            valid[row, width - len(p):] = True
+        cache = init_cache(self.cfg, batch, self.max_len)
+        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(valid), cache)
+        rng = jax.random.PRNGKey(seed)
+        settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        token = sample_logits(logits, jax.random.fold_in(rng, 0), *settings)
+        position = jnp.asarray(valid.sum(1), jnp.int32)
+        stop_ids = {self.tokenizer.eos_id, self.tokenizer.special_ids.get("<|end|>", -1)}
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        texts, done = [""] * batch, [False] * batch
+        for step in range(max_new_tokens):
+            host_token = jax.device_get(token)
+            for row in range(batch):
+                if done[row]:
+                    continue
+                if int(host_token[row]) in stop_ids:
+                    done[row] = True
+                    continue
+                generated[row].append(int(host_token[row]))
+                texts[row] = self.tokenizer.decode(generated[row])
+                for s in stop:
+                    if s and s in texts[row]:
+                        texts[row], done[row] = texts[row][: texts[row].index(s)], True
+            yield list(texts)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            token, cache = self._decode(self.params, token, position, cache,
+                                        jax.random.fold_in(rng, step + 1), *settings)
+            position = position + 1

@@ -1,0 +1,76 @@
+"""Causal multi-head / grouped-query self-attention with segment masking and an optional KV cache."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmjax.config import head_dim, kv_heads
+from lmjax.model.layers import apply_rope, param, project
+from lmjax.parallel.rules import constrain
+
+
+class Attention(nnx.Module):
+    """Self-attention. Training: causal within each packed segment. Decoding: keys and values go into
+    a fixed-size cache at slot `index`, and queries see every valid slot up to their own."""
+
+    def __init__(self, cfg: ConfigDict, out_std: float, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), head_dim(cfg)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.rope_theta = cfg.rope_theta if cfg.family == "llama" else None
+        self.query = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
+        self.key = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+        self.value = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+        self.out = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=out_std)
+        self.use_bias = cfg.family == "gpt2"
+        if self.use_bias:
+            self.query_bias = param(rngs, (h, hd), ("heads", "head_dim"), pdt, std=None)
+            self.key_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pdt, std=None)
+            self.value_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pdt, std=None)
+            self.out_bias = param(rngs, (d,), ("embed",), pdt, std=None)
+
+    def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q = project(x, self.query, "btd,dhk->bthk", self.dtype)
+        k = project(x, self.key, "btd,dhk->bthk", self.dtype)
+        v = project(x, self.value, "btd,dhk->bthk", self.dtype)
+        if self.use_bias:
+            q = q + self.query_bias[...].astype(self.dtype)
+            k = k + self.key_bias[...].astype(self.dtype)
+            v = v + self.value_bias[...].astype(self.dtype)
+        if self.rope_theta is not None:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: dict | None = None, valid: jax.Array | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """x [batch, length, d_model] -> (output like x, updated layer cache or None).
+
+        With a cache ({'k', 'v'} of [batch, max_len, kv_heads, head_dim]), `valid` [batch, max_len] marks
+        slots that hold real tokens (already including this call's) and `index` is the first slot written.
+        """
+        q, k, v = self._project_qkv(x, positions)
+        length = x.shape[1]
+        if cache is None:
+            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            mask = (same_segment & causal)[:, None]
+        else:
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            cache = {"k": k, "v": v}
+            query_slot = index + jnp.arange(length)
+            key_slot = jnp.arange(k.shape[1])
+            seen = key_slot[None, :] <= query_slot[:, None]
+            mask = (valid[:, None, :] & seen) | (key_slot[None, :] == query_slot[:, None])
+            mask = mask[:, None]
+        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
+        out = project(attended, self.out, "bthk,hkd->btd", self.dtype)
+        if self.use_bias:
+            out = out + self.out_bias[...].astype(self.dtype)
+        return out, cache

@@ -1,0 +1,66 @@
+"""Parameters as plain pytrees: abstract shapes, logical axes, initialisation, counts and FLOPs.
+
+The train step, checkpoints and the sampler work on a nested dict of arrays (`params`); the Flax
+module structure lives in a `graphdef`, and `nnx.merge(graphdef, params)` rebuilds the model.
+"""
+
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmjax.config import head_dim
+from lmjax.model.transformer import Transformer
+
+Params = dict[str, Any]
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def abstract_model(cfg: ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graphdef, params as ShapeDtypeStructs, logical axes per parameter); allocates nothing."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    shapes = _nest({path: var.get_value() for path, var in flat})
+    axes = _nest({path: var.get_metadata()["axes"] for path, var in flat})
+    return graphdef, shapes, axes
+
+
+def init_params(cfg: ConfigDict, rng: jax.Array) -> Params:
+    """Fresh parameters for `cfg` from `rng` (jittable; put it under jit with out_shardings to shard)."""
+    model = Transformer(cfg, rngs=nnx.Rngs(params=rng))
+    return nnx.split(model)[1].to_pure_dict()
+
+
+def count_params(params: Params) -> int:
+    """Number of parameters (works on arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def matmul_params(cfg: ConfigDict, params: Params) -> int:
+    """Parameters that take part in a matmul per token (the embedding lookup and positions do not;
+    the embedding does when it is tied to the output projection)."""
+    n = count_params(params)
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.d_model
+    if cfg.family == "gpt2":
+        n -= cfg.seq_len * cfg.d_model
+    return n
+
+
+def flops_per_token(cfg: ConfigDict, params: Params) -> float:
+    """Training FLOPs per token: 6 x matmul params + 12 x layers x attention width x seq_len
+    (forward + backward; attention scores counted without the causal halving, as in PaLM's MFU)."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * cfg.seq_len
+    return 6 * matmul_params(cfg, params) + attention

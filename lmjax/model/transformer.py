@@ -1,0 +1,104 @@
+"""The decoder-only transformer: GPT-2 and Llama families from one config.
+
+Shapes: B batch, T length, D d_model, V vocab. Packed training rows carry `segment_ids` (0 = padding)
+and `positions` (restart at 0 in each document), so documents never attend to each other.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmjax.config import head_dim, kv_heads
+from lmjax.model.attention import Attention
+from lmjax.model.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, param
+from lmjax.parallel.rules import constrain
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ConfigDict, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
+        mlp = GeluMLP if cfg.family == "gpt2" else SwiGLU
+        self.dropout = cfg.dropout
+        self.attn_norm = norm(cfg.d_model, cfg.norm_eps, pdt, rngs)
+        self.attn = Attention(cfg, out_std, rngs)
+        self.mlp_norm = norm(cfg.d_model, cfg.norm_eps, pdt, rngs)
+        self.mlp = mlp(cfg.d_model, cfg.d_ff, out_std, jnp.dtype(cfg.dtype), pdt, rngs)
+
+    def __call__(self, x, positions, segment_ids, rng=None, cache=None, valid=None, index=None):
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, valid, index)
+        x = constrain(x + dropout(h, self.dropout, rngs[0]), ("batch", "length", "embed"))
+        h = self.mlp(self.mlp_norm(x))
+        x = constrain(x + dropout(h, self.dropout, rngs[1]), ("batch", "length", "embed"))
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """Token ids -> next-token logits (float32)."""
+
+    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.family = cfg.family
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.dropout = cfg.dropout
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+        if cfg.family == "gpt2":
+            self.pos_embed = param(rngs, (cfg.seq_len, cfg.d_model), ("position", "embed"), pdt, std=0.01)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
+        self.tie_embeddings = cfg.tie_embeddings
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+                 dropout_rng: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """tokens, positions, segment_ids: [B, T] int32 -> (logits [B, T, V] float32, updated cache).
+
+        `dropout_rng` turns dropout on (training). `cache` (from `init_cache`) switches to decoding:
+        the T new tokens are written at slot `cache['index']` and attend to all earlier valid slots.
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        if self.family == "gpt2":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        rngs = [None] * (len(self.blocks) + 1)
+        if dropout_rng is not None:
+            rngs = list(jax.random.split(dropout_rng, len(self.blocks) + 1))
+        x = dropout(x, self.dropout, rngs[-1])
+        valid = index = None
+        if cache is not None:
+            index = cache["index"]
+            valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
+        layer_caches = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, layer_cache = block(x, positions, segment_ids, rngs[i], layer_cache, valid, index)
+            layer_caches.append(layer_cache)
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"layers": layer_caches, "valid": valid, "index": index + tokens.shape[1]}
+        return logits, new_cache
+
+
+def init_cache(cfg: ConfigDict, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim], slot validity, index."""
+    shape = (batch_size, max_len, kv_heads(cfg), head_dim(cfg))
+    dtype = jnp.dtype(cfg.dtype)
+    return {
+        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
+        "valid": jnp.zeros((batch_size, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }

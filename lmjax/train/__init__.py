@@ -1,0 +1,1 @@
+"""Optimizer, pure train/eval steps, checkpoints, metrics and the training loop."""

@@ -1,0 +1,88 @@
+"""Orbax checkpoints of the train state and the data iterator, written together per step.
+
+Each checkpoint holds three items: `params` (what sampling needs), `train` (step, optimizer state,
+RNG) and `data` (the grain iterator position). Saves are asynchronous; Orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous checkpoints intact.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from lmjax.train.step import State
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory or step that cannot be read."""
+
+
+class Checkpointer:
+    """Saves and restores train states (with data iterators) under `directory`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, state: State, data_iter: Any | None = None) -> None:
+        """Starts an asynchronous save of `state` (and the data iterator position) at its step."""
+        step = int(jax.device_get(state["step"]))
+        items = {
+            "params": ocp.args.StandardSave(state["params"]),
+            "train": ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state: State, data_iter: Any | None = None, step: int | None = None) -> State:
+        """The state at `step` (default: latest) laid out like `abstract_state` (shapes and shardings);
+        moves `data_iter` to the saved position."""
+        step = self._step(step)
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state["params"]),
+            "train": ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._restore(step, items)
+        return {"params": restored["params"], **restored["train"]}
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Only the parameters (for sampling and fine-tuning)."""
+        step = self._step(step)
+        return self._restore(step, {"params": ocp.args.StandardRestore(abstract_params)})["params"]
+
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        steps = self.manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available: {sorted(steps)}")
+        return step
+
+    def _restore(self, step: int, items: dict) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} could not be read ({type(e).__name__}: "
+                f"{str(e)[:300]}). It may be corrupt or from a different config; earlier steps: "
+                f"{sorted(s for s in self.manager.all_steps() if s < step)}") from e

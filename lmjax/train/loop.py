@@ -1,0 +1,221 @@
+"""The trainer: everything stateful around the pure train step (data, mesh, checkpoints, logging,
+signals). `train(cfg, workdir)` starts a run, or resumes it exactly if the workdir has checkpoints."""
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from lmjax.config import ConfigError, validate
+from lmjax.data.pipeline import eval_batches, tokenize_documents, train_iterator
+from lmjax.data.sources import read_documents
+from lmjax.data.tokenizer import Tokenizer, train_tokenizer
+from lmjax.eval.baselines import unigram_bpb
+from lmjax.model.params import abstract_model, count_params, flops_per_token
+from lmjax.parallel.mesh import make_mesh
+from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
+from lmjax.train.checkpoint import Checkpointer
+from lmjax.train.metrics import MetricsWriter, format_duration, measure_matmul_peak, plot_losses, read_metrics
+from lmjax.train.optim import lr_schedule, make_optimizer
+from lmjax.train.step import eval_step, init_state, train_step
+from lmjax.workdir import Workdir
+
+
+def log(message: str) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
+    """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else trained on data.train."""
+    if (wd.tokenizer_dir / "tokenizer.model").is_file():
+        return Tokenizer.load(wd.tokenizer_dir)
+    wd.path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=wd.path, prefix=".tokenizer-"))
+    if cfg.tokenizer.path:
+        Tokenizer.load(cfg.tokenizer.path)
+        shutil.copy(Path(cfg.tokenizer.path) / "tokenizer.model", tmp)
+    else:
+        start = time.time()
+        train_tokenizer(read_documents(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
+        log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
+            f"{cfg.data.train} in {time.time() - start:.1f}s")
+    os.replace(tmp, wd.tokenizer_dir)
+    return Tokenizer.load(wd.tokenizer_dir)
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: ConfigDict, workdir: str | Path) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
+    cfg = ConfigDict(cfg.to_dict())
+    validate(cfg)
+    wd = Workdir(workdir)
+    t_cfg, m_cfg = cfg.train, cfg.model
+    tokenizer = load_or_train_tokenizer(cfg, wd)
+    if m_cfg.vocab_size == 0:
+        m_cfg.vocab_size = tokenizer.vocab_size
+    if m_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size {m_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    wd.save_config(cfg)
+
+    mesh = make_mesh(cfg.mesh)
+    rules = dict(cfg.mesh.rules)
+    n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
+    batch_ways = math.prod(mesh.shape[a] for a in filter(None, rules["batch"].split(",")))
+    if micro % batch_ways or micro % n_proc:
+        raise ConfigError(f"micro-batch {micro} (train.batch_size / grad_accum) must be divisible by the "
+                          f"{batch_ways} batch shards of the mesh and by {n_proc} processes")
+
+    start = time.time()
+    seq_len = m_cfg.seq_len
+    train_chunks = tokenize_documents(read_documents(cfg.data.train), tokenizer, seq_len)
+    val_chunks = tokenize_documents(read_documents(cfg.data.val), tokenizer, seq_len)
+    n_train_tokens = sum(len(c) - 1 for c in train_chunks)
+    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
+        f"{sum(len(c) - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
+    baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
+    data_iter = train_iterator(train_chunks, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
+                               jax.process_index(), n_proc)
+    val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
+
+    graphdef, abstract_params, axes = abstract_model(m_cfg)
+    tx = make_optimizer(t_cfg)
+    schedule = lr_schedule(t_cfg)
+    abstract_state = jax.eval_shape(functools.partial(init_state, m_cfg, tx, t_cfg.seed))
+    state_sharding = tree_shardings(mesh, rules, abstract_state, axes)
+    train_batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", "length"), rules, mesh.shape))
+    eval_batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh.shape))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), replicated)
+
+    n_params = count_params(abstract_params)
+    flops_token = flops_per_token(m_cfg, abstract_params)
+    peak = t_cfg.peak_tflops * 1e12 or measure_matmul_peak(m_cfg.dtype)
+    tokens_per_step = t_cfg.batch_size * seq_len
+    log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
+        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({m_cfg.dtype})")
+    log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
+
+    writer = MetricsWriter(wd.metrics_path, wd.tb_dir)
+    ckpt = Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts)
+    with use_rules(mesh, rules):
+        init_fn = jax.jit(functools.partial(init_state, m_cfg, tx, t_cfg.seed), out_shardings=state_sharding)
+        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=m_cfg.dropout > 0),
+                          in_shardings=(state_sharding, train_batch_sharding),
+                          out_shardings=(state_sharding, replicated), donate_argnums=0)
+        eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                          in_shardings=(state_sharding["params"], eval_batch_sharding, replicated))
+
+        def evaluate(params) -> dict:
+            sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+            for batch in val_data:
+                out = eval_fn(params, _global(batch, eval_batch_sharding), token_bytes)
+                sums = {k: sums[k] + out[k] for k in sums}
+            sums = jax.device_get(sums)
+            loss = float(sums["loss_sum"] / max(sums["tokens"], 1))
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+                    "val_bpb": float(sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1))}
+
+        if ckpt.latest_step() is not None:
+            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    abstract_state, state_sharding)
+            state = ckpt.restore(abstract, data_iter)
+            first_step = int(jax.device_get(state["step"]))
+            records = [r for r in read_metrics(wd.metrics_path) if r["step"] <= first_step]
+            _rewrite_metrics(wd.metrics_path, records)
+            elapsed_before = records[-1]["elapsed_s"] if records else 0.0
+            log(f"resumed from checkpoint at step {first_step}")
+        else:
+            state = init_fn()
+            first_step, elapsed_before = 0, 0.0
+            _rewrite_metrics(wd.metrics_path, [])
+
+        last_val: dict = {}
+        run_start = interval_start = time.time()
+        interval_metrics: list = []
+        step = first_step
+        with _StopFlag() as stop:
+            while step < t_cfg.steps:
+                batch = next(data_iter)
+                batch = {k: v.reshape(t_cfg.grad_accum, -1, seq_len) for k, v in batch.items()}
+                state, metrics = step_fn(state, _global(batch, train_batch_sharding))
+                interval_metrics.append(metrics)
+                step += 1
+                record = {}
+                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                    fetched = jax.device_get(interval_metrics)
+                    seconds = time.time() - interval_start
+                    tok_s = tokens_per_step * len(fetched) / seconds
+                    record.update(
+                        train_loss=float(np.mean([m["loss"] for m in fetched])),
+                        grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+                        lr=float(schedule(step - 1)), tokens_per_sec=tok_s,
+                        mfu=tok_s * flops_token / (peak * jax.device_count()))
+                    eta = (t_cfg.steps - step) * seconds / len(fetched)
+                    log(f"step {step:>6}/{t_cfg.steps} | loss {record['train_loss']:.4f} | "
+                        f"{tok_s:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}")
+                    interval_metrics, interval_start = [], time.time()
+                if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
+                    last_val = evaluate(state["params"])
+                    record.update(last_val)
+                    log(f"step {step:>6} | val loss {last_val['val_loss']:.4f} | ppl {last_val['val_ppl']:.2f} | "
+                        f"bpb {last_val['val_bpb']:.3f} (unigram {baseline_bpb:.3f})")
+                    interval_start = time.time()
+                if record:
+                    record.update(step=step, elapsed_s=elapsed_before + time.time() - run_start)
+                    writer.write(record)
+                if step % t_cfg.ckpt_every == 0 or step == t_cfg.steps or stop.signal:
+                    ckpt.save(state, data_iter)
+                if stop.signal:
+                    log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
+                    break
+    ckpt.close()
+    writer.close()
+    if jax.process_index() == 0:
+        plot_losses(read_metrics(wd.metrics_path), wd.plot_path, title=f"{m_cfg.family} {n_params / 1e6:.1f}M")
+    return {"step": step, "unigram_bpb": baseline_bpb, **last_val}
+
+
+def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Global arrays from this process's slice of the batch."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _rewrite_metrics(path: Path, records: list[dict]) -> None:
+    """Keeps only `records` in metrics.jsonl (steps after the restored checkpoint are redone)."""
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)

@@ -1,0 +1,94 @@
+"""Run metrics: metrics.jsonl, TensorBoard events, console progress, MFU and the loss-curve plot."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def measure_matmul_peak(dtype: str = "bfloat16", size: int = 1024, reps: int = 5) -> float:
+    """Measured FLOP/s of one device on a square matmul in `dtype` with float32 accumulation: the
+    denominator of MFU (on CPUs, where no spec sheet applies). Median of `reps` timed runs."""
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times))
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+    Only process 0 writes; other processes get a writer that does nothing."""
+
+    def __init__(self, jsonl_path: Path, tb_dir: Path | None = None):
+        self.active = jax.process_index() == 0
+        self.jsonl_path = jsonl_path
+        self.tb = None
+        if self.active and tb_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(tb_dir))
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(jsonl_path: Path) -> list[dict]:
+    """Records of metrics.jsonl (a torn last line from a killed run is ignored)."""
+    if not jsonl_path.exists():
+        return []
+    records = []
+    for line in jsonl_path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
+    """Saves train and validation loss against step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""AdamW with warm-up and decay, global-norm clipping, no weight decay on norms and biases."""
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+
+def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio` (or constant)."""
+    t = train_cfg
+    warmup = min(t.warmup_steps, t.steps)
+    peak, end = t.lr, t.lr * t.min_lr_ratio
+    decay_steps = max(t.steps - warmup, 1)
+    if t.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=t.min_lr_ratio)
+    elif t.decay == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+    """True for matrices (decayed), False for vectors: norm scales and biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg: ConfigDict) -> optax.GradientTransformation:
+    """The optimizer the train step applies (clip, then AdamW)."""
+    t = train_cfg
+    adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+    if t.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    return adamw
