@@ -2,7 +2,7 @@
 
     lmjax plan --config configs/llama_1b.py --devices 1 --device-memory-gb 80
 
-An accelerator config: not trained here. `plan` prints ~1.24B parameters and ~16 bytes/parameter of
+An accelerator config: not trained here. Expect `plan` to print ~1.24B parameters and ~16 bytes/parameter of
 weights + gradients + Adam moments in float32 (about 20 GB), which fits one 80 GB GPU before activations.
 """
 

@@ -2,7 +2,7 @@
 
     lmjax plan --config configs/llama_7b.py --devices 256 --config.mesh.data=1 --config.mesh.fsdp=-1
 
-An accelerator config: not trained here. `plan` prints ~6.74B parameters; unsharded, weights + gradients
+An accelerator config: not trained here. Expect `plan` to print ~6.74B parameters; unsharded, weights + gradients
 + Adam moments need ~108 GB per device, on a 256-way FSDP mesh ~0.42 GB per device.
 """
 

@@ -40,7 +40,7 @@ def abstract_model(cfg: ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
 def init_params(cfg: ConfigDict, rng: jax.Array) -> Params:
     """Fresh parameters for `cfg` from `rng` (jittable; put it under jit with out_shardings to shard)."""
     model = Transformer(cfg, rngs=nnx.Rngs(params=rng))
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model))
 
 
 def count_params(params: Params) -> int:

@@ -22,6 +22,7 @@ from lmjax.data.pipeline import eval_batches, tokenize_documents, train_iterator
 from lmjax.data.sources import read_documents
 from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 from lmjax.eval.baselines import unigram_bpb
+from lmjax.infer.sampler import Sampler
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import make_mesh
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
@@ -204,7 +205,18 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     writer.close()
     if jax.process_index() == 0:
         plot_losses(read_metrics(wd.metrics_path), wd.plot_path, title=f"{m_cfg.family} {n_params / 1e6:.1f}M")
-    return {"step": step, "unigram_bpb": baseline_bpb, **last_val}
+    if jax.process_count() == 1 and t_cfg.samples and not stop.signal:
+        write_samples(Sampler(m_cfg, graphdef, state["params"], tokenizer), list(t_cfg.samples), wd.samples_path,
+                      t_cfg.seed)
+    return {"step": step, "stopped_by": stop.signal or "", "unigram_bpb": baseline_bpb, **last_val}
+
+
+def write_samples(sampler: Sampler, prompts: list[str], path: Path, seed: int) -> None:
+    """Draws one completion per prompt, prints them and saves them to `path`."""
+    texts = sampler.generate(prompts, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=seed)
+    shown = "".join(f"--- {p!r}\n{p}{t}\n" for p, t in zip(prompts, texts, strict=True))
+    path.write_text(shown)
+    log(f"samples (also in {path}):\n{shown}")
 
 
 def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -21,8 +21,13 @@ def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for matrices (decayed), False for vectors: norm scales and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for weights (decayed), False for norm scales and biases (named `scale`, `*bias`)."""
+
+    def decayed(path, _) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        return not (name == "scale" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(train_cfg: ConfigDict) -> optax.GradientTransformation:

@@ -68,7 +68,7 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-    metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+    metrics = {"loss": loss / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
     return new_state, metrics
 
 
