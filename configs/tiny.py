@@ -3,8 +3,8 @@
     lmjax train --config configs/tiny.py --workdir runs/tiny
     lmjax sample --workdir runs/tiny --prompt "Return the"
 
-Expect (2-core CPU, ~7 min): val bits/byte about 2.0 against ~4.5 for a unigram model, and samples that
-read like docstrings ("Return the number of ...").
+Expect (2-core CPU, ~7 min at ~4,300 tokens/s): val bits/byte about 1.7 against 2.7 for a unigram model,
+and samples that read like docstrings ("Return the mock object ... This is a generic class which ...").
 """
 
 from lmjax.config import base_config
@@ -23,7 +23,7 @@ def get_config():
     c.train.batch_size = 16
     c.train.lr = 2e-3
     c.train.warmup_steps = 50
-    c.train.eval_every = 200
+    c.train.eval_every = 100
     c.train.ckpt_every = 200
     c.tokenizer.vocab_size = 4096
     return c

@@ -63,7 +63,7 @@ def base_config() -> ConfigDict:
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
-    t.samples = ("The ", "Return the ")  # prompts sampled into samples.txt at the end of training
+    t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
 
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec: stdlib | text:GLOB | jsonl:GLOB[:field]

@@ -12,7 +12,7 @@ TINY_OVERRIDES = [
     "model.d_ff=128", "model.seq_len=64", "model.dtype=float32", "tokenizer.vocab_size=512",
     "train.steps=24", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=4", "train.log_every=4",
     "train.eval_every=12", "train.eval_steps=2", "train.ckpt_every=8", "train.peak_tflops=1.0",
-    "train.samples=The ",
+    "train.samples=The",
 ]
 
 

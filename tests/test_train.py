@@ -78,7 +78,7 @@ def test_training_run_writes_metrics_plot_checkpoints_and_samples(trained_run):
     assert result["val_bpb"] == records[-1]["val_bpb"] and result["step"] == 24
     assert (workdir / "loss.png").stat().st_size > 1000
     assert any((workdir / "tb").iterdir())
-    assert (workdir / "samples.txt").read_text().startswith("--- 'The '")
+    assert (workdir / "samples.txt").read_text().startswith("--- 'The'")
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [8, 16, 24]
     assert (workdir / "tokenizer" / "tokenizer.model").is_file() and (workdir / "config.json").is_file()
 

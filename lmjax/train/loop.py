@@ -201,6 +201,9 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
                 if stop.signal:
                     log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
                     break
+        if not last_val and not stop.signal:
+            last_val = evaluate(state["params"])
+            log(f"step {step:>6} | val loss {last_val['val_loss']:.4f} | bpb {last_val['val_bpb']:.3f} (resumed)")
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
