@@ -22,7 +22,7 @@ quickstart: $(VENV)/.core
 	$(VENV)/bin/python experiments/quickstart.py
 
 test: $(VENV)/.dev
-	$(VENV)/bin/ruff check lmjax tests tools configs experiments
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 clean:
