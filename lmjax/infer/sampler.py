@@ -33,7 +33,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     ranked = jnp.where(rank < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
-    kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    kept = (rank == 0) | ((rank < k) & (jnp.cumsum(probs, axis=-1) - probs < top_p))
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
     sampled = jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf))
     return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
