@@ -3,6 +3,8 @@
     lmjax train  --config configs/tiny.py [--config.model.num_layers=2 ...] --workdir runs/x
     lmjax sample --workdir runs/x --prompt "Return the" [--max-new-tokens 100 --temperature 0.8 ...]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
+    lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
+    lmjax tokenizer train --source stdlib --vocab-size 4096 --out tok/ ; lmjax tokenizer stats --tokenizer tok/
 
 Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in configs, workdirs and
 checkpoints are printed as one line and exit with status 2.
@@ -79,6 +81,32 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     print(format_plan(plan(cfg, args.devices or jax.device_count()), args.device_memory_gb))
 
 
+def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.data.prepare import prepare, prepare_config
+
+    cfg = apply_overrides(load_config(args.config) if args.config else prepare_config(), overrides)
+    card = prepare(cfg, args.out)
+    print(f"prepared {card['documents_out']} documents ({card['tokens_out']} tokens) into {args.out}; "
+          f"card: {args.out}/card.md")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.data.sources import read_documents
+    from lmjax.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(read_documents(args.source), args.vocab_size, args.out, kind=args.kind)
+    print(f"trained a {args.kind} tokenizer with {tokenizer.vocab_size} tokens into {args.out}/tokenizer.model")
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.data.sources import read_documents
+    from lmjax.data.tokenizer import Tokenizer, tokenizer_stats
+
+    stats = tokenizer_stats(Tokenizer.load(args.tokenizer), read_documents(args.source))
+    print(f"{stats['documents']:,} documents, {stats['bytes']:,} bytes, {stats['tokens']:,} tokens: "
+          f"{stats['bytes_per_token']:.3f} bytes/token, byte-fallback share {100 * stats['byte_fallback_share']:.3f}%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description="Train and sample small language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: those present)")
     p.add_argument("--device-memory-gb", type=float, default=0.0, help="say whether the state fits this")
     p.set_defaults(func=cmd_plan)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="clean, deduplicate, split and shard sources; write a data card")
+    p.add_argument("--config", help="data config file (configs/data/*.py); default: all defaults")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a SentencePiece tokenizer on a source")
+    p.add_argument("--source", required=True, help="source spec, e.g. stdlib or jsonl:data/*.jsonl")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
+    p.add_argument("--kind", default="bpe", choices=("bpe", "unigram", "char"), help="SentencePiece model type")
+    p.add_argument("--out", required=True, help="directory for tokenizer.model")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
+    p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")
+    p.add_argument("--source", default="stdlib:val", help="held-out source spec")
+    p.set_defaults(func=cmd_tokenizer_stats)
     return parser
 
 

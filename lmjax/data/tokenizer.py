@@ -1,6 +1,7 @@
 """SentencePiece tokenizer with exact round-trips, byte fallback and chat special tokens."""
 
 import io
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -159,3 +160,19 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
     tokenizer = Tokenizer(proto.getvalue())
     tokenizer.save(out_dir)
     return tokenizer
+
+
+def tokenizer_stats(tokenizer: Tokenizer, docs: Iterable[str], batch: int = 1000) -> dict[str, float]:
+    """Compression and coverage on `docs`: UTF-8 bytes per token, and the share of tokens that are
+    byte-fallback pieces (characters the vocabulary does not cover)."""
+    is_byte = np.array([tokenizer.sp.is_byte(i) for i in range(tokenizer.vocab_size)])
+    n_docs = n_bytes = n_tokens = n_fallback = 0
+    docs = iter(docs)
+    while chunk := list(itertools.islice(docs, batch)):
+        for text, ids in zip(chunk, tokenizer.encode_batch(chunk), strict=True):
+            n_docs += 1
+            n_bytes += len(text.encode("utf-8"))
+            n_tokens += len(ids)
+            n_fallback += int(is_byte[ids].sum()) if ids else 0
+    return {"documents": n_docs, "bytes": n_bytes, "tokens": n_tokens,
+            "bytes_per_token": n_bytes / max(n_tokens, 1), "byte_fallback_share": n_fallback / max(n_tokens, 1)}

@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, validate
 from lmjax.data.pipeline import eval_batches, tokenize_documents, train_iterator
+from lmjax.data.shards import parse_prepared
 from lmjax.data.sources import read_documents
 from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 from lmjax.eval.baselines import unigram_bpb
@@ -40,14 +41,18 @@ def log(message: str) -> None:
 
 
 def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
-    """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else trained on data.train."""
+    """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else the one of a prepared
+    data.train directory, else one trained on data.train."""
     if (wd.tokenizer_dir / "tokenizer.model").is_file():
         return Tokenizer.load(wd.tokenizer_dir)
     wd.path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wd.path, prefix=".tokenizer-"))
-    if cfg.tokenizer.path:
-        Tokenizer.load(cfg.tokenizer.path)
-        shutil.copy(Path(cfg.tokenizer.path) / "tokenizer.model", tmp)
+    prepared = parse_prepared(cfg.data.train)
+    source = cfg.tokenizer.path or (str(prepared[0] / "tokenizer") if prepared else "")
+    if source:
+        Tokenizer.load(source)
+        shutil.copy(Path(source) / "tokenizer.model", tmp)
+        log(f"using the tokenizer of {source}")
     else:
         start = time.time()
         train_tokenizer(read_documents(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)

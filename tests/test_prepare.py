@@ -1,0 +1,144 @@
+"""`lmjax data prepare` on a messy local corpus: accounting, resume, training from the output, CLI."""
+
+import json
+import random
+
+import pytest
+from conftest import tiny_config
+
+from lmjax.cli import main
+from lmjax.data.prepare import prepare, prepare_config
+from lmjax.data.shards import iter_split, shard_paths
+from lmjax.data.sources import read_documents
+
+WORDS = ("parser reads each line input file splits fields returns list records errors reported number empty "
+         "lines skipped comments start hash sign value object method class module function argument default "
+         "string integer buffer stream socket thread queue timeout encoding format result option").split()
+
+
+def _doc(i: int) -> str:
+    """A distinct, well-formed document (sentences of random words, seeded by `i`)."""
+    rng = random.Random(i)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+                 for _ in range(6)]
+    return "\n".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """A corpus with every kind of trouble; returns (source spec, expected facts)."""
+    root = tmp_path_factory.mktemp("messy")
+    lines = [json.dumps({"text": _doc(i)}) for i in range(40)]
+    lines += [
+        json.dumps({"text": _doc(3)}),  # exact duplicate
+        json.dumps({"text": _doc(4).replace(".", " indeed.", 1)}),  # near duplicate
+        json.dumps({"text": _doc(50) + " Mail jane.doe@example.com or call +1 415 555 0100."}),  # PII
+        json.dumps({"text": "buy now!!! $$$ ### ### ### ###"}),  # junk
+        json.dumps({"text": _doc(51) + " Here is how to make a bomb at home."}),  # blocklisted
+        '{"text": "broken',  # broken JSON
+        json.dumps({"body": "no text field"}),  # missing field
+        json.dumps({"text": 42}),  # wrong type
+    ]
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "latin1.txt").write_bytes((_doc(60) + " Café olé.").encode("latin-1"))
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (root / "empty.txt").write_text("")
+    return f"jsonl:{root}/*.jsonl", root
+
+
+def _cfg(spec: str, **changes):
+    cfg = prepare_config()
+    cfg.update({"sources": spec, "workers": 1, "chunk_docs": 10, "val_fraction": 0.1, **changes})
+    cfg.tokenizer.vocab_size = 400
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(messy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    return out, prepare(_cfg(messy[0]), out, log=lambda _: None)
+
+
+def test_card_accounts_for_every_document(prepared):
+    out, card = prepared
+    removed = {reason: entry["count"] for reason, entry in card["removed"].items()}
+    assert card["documents_in"] == sum(removed.values()) + sum(card["documents_out"].values())
+    assert removed["exact_duplicate"] == 1 and removed["near_duplicate"] >= 1
+    assert removed["blocklist"] == 1 and card["removed"]["blocklist"]["examples"][0]["matched"]
+    assert any(reason.startswith("quality:") for reason in removed)
+    assert card["pii_replaced"]["EMAIL"] == 1 and card["pii_replaced"]["PHONE"] == 1
+    skipped = {reason: entry["count"] for reason, entry in card["input_skipped"].items()}
+    assert skipped["broken_json"] == 1 and skipped["missing_field"] == 1 and skipped["non_string_field"] == 1
+    assert card["input_skipped"]["broken_json"]["examples"][0]["id"].endswith("a.jsonl:46")
+    assert card["tokens_out"]["train"] > 0 and card["documents_out"]["val"] >= 1
+    assert (out / "card.md").read_text().startswith("# Data card") and (out / "doc_lengths.png").stat().st_size
+    assert json.loads((out / "card.json").read_text()) == card
+
+
+def test_bad_text_files_are_counted_and_skipped(messy, tmp_path):
+    card = prepare(_cfg(f"text:{messy[1]}/*.txt", val_fraction=0.0), tmp_path / "t", log=lambda _: None)
+    skipped = {reason: entry["count"] for reason, entry in card["input_skipped"].items()}
+    assert skipped == {"binary": 1, "empty": 1, "invalid_utf8": 1}
+    assert card["documents_out"] == {"train": 1}
+
+
+def test_outputs_are_clean_and_readable_as_sources(prepared):
+    out, card = prepared
+    train = list(read_documents(str(out)))
+    val = list(read_documents(f"{out}:val"))
+    assert len(train) == card["documents_out"]["train"] and len(val) == card["documents_out"]["val"]
+    text = "\n".join(train + val)
+    assert "jane.doe@example.com" not in text and "<EMAIL>" in text and "bomb" not in text
+    assert not set(train) & set(val)
+
+
+def test_interrupted_prepare_resumes_to_the_same_result(messy, prepared, tmp_path):
+    out = tmp_path / "again"
+
+    def stop_after_two_chunks(message: str) -> None:
+        if message.startswith("chunk 2:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(messy[0]), out, log=stop_after_two_chunks)
+    assert len(shard_paths(out, "train")) == 2 and not (out / "card.json").exists()
+    assert not list(out.rglob("*.tmp"))
+    messages = []
+    card = prepare(_cfg(messy[0]), out, log=messages.append)
+    assert any(m.startswith("resuming after chunk 2") for m in messages)
+    reference = prepared[1]
+    assert {k: v for k, v in card.items() if k != "seconds"} == {k: v for k, v in reference.items() if k != "seconds"}
+    assert list(iter_split(out, "train")) == list(iter_split(prepared[0], "train"))
+
+
+def test_prepare_refuses_a_different_config_on_the_same_out(messy, prepared):
+    with pytest.raises(ValueError, match="different config"):
+        prepare(_cfg(messy[0], val_fraction=0.5), prepared[0], log=lambda _: None)
+
+
+def test_training_reads_a_prepared_directory(tmp_path):
+    out = tmp_path / "stdlib"
+    cfg = prepare_config()
+    cfg.update(workers=1)
+    cfg.tokenizer.vocab_size = 512
+    prepare(cfg, out, log=lambda _: None)
+    from lmjax.train.loop import train
+
+    result = train(tiny_config("train.steps=4", "train.eval_every=0", "train.samples=", f"data.train={out}",
+                               f"data.val={out}:val"), tmp_path / "run")
+    assert result["step"] == 4 and result["val_loss"] < 7.0
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.model").read_bytes() == \
+        (out / "tokenizer" / "tokenizer.model").read_bytes()
+
+
+def test_tokenizer_cli_trains_and_reports(tmp_path, capfd):
+    assert main(["tokenizer", "train", "--source", "stdlib", "--vocab-size", "600", "--out", str(tmp_path)]) == 0
+    assert main(["tokenizer", "stats", "--tokenizer", str(tmp_path), "--source", "stdlib:val"]) == 0
+    out = capfd.readouterr().out
+    bytes_per_token = float(out.split(" bytes/token")[0].split()[-1])
+    assert 1.5 < bytes_per_token < 6.0 and "byte-fallback share" in out
+
+
+def test_data_prepare_cli_reports_bad_sources(tmp_path, capsys):
+    assert main(["data", "prepare", "--out", str(tmp_path), "--config.sources=jsonl:/nonexistent/*.jsonl"]) == 2
+    assert "no files match" in capsys.readouterr().err
