@@ -33,8 +33,8 @@ LSH_RECALL_AT_THRESHOLD = 0.95  # least chance that a pair exactly at the thresh
 
 _WORD_BYTES = bytes(c if chr(c).isalnum() or c == ord("_") or c >= 0x80 else 32 for c in range(256))  # rest -> " "
 _BASE = 0x5851F42D4C957F2D  # odd 64-bit base of the polynomial word hash
-_BASE_INV = pow(_BASE, -1, 2**64)
-_MUL = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial n-gram hash
+_BLOCK_POWERS = np.cumprod(np.full(4096, _BASE, np.uint64)) * np.uint64(pow(_BASE, -1, 2**64))  # BASE^0..4095
+_MUL = 0x9E3779B97F4A7C15  # odd 64-bit constant salting the LSH band keys
 _MASK32 = 0xFFFFFFFF
 
 
@@ -45,9 +45,10 @@ def dedup_config() -> ConfigDict:
     of its words substituted, inserted or deleted keeps an exact Jaccard similarity of 0.57-0.70
     (median 0.63) to its source over 3-word shingles, while random documents score at most ~0.01.
     At 0.5 the MinHash estimate (std ~0.04 with 128 permutations) still finds >= 99.7% of copies
-    edited by exactly 10% with no false positives. 5-word shingles put such copies at 0.33-0.47,
-    into the noise, and the common threshold of 0.8 would only catch copies with < ~3% edits;
-    2-word shingles work as well (0.69-0.8) but overlap more between unrelated real texts.
+    edited by exactly 10% with no false positives. 5-word shingles put such copies at 0.33 (min) to 0.47
+    (median), into the noise, and with the common threshold of 0.8 only copies with < ~3% edits are
+    caught (recall 0.30 for edits up to 10%); 2-word shingles also work (copies >= 0.69) but overlap
+    more between unrelated real texts.
     """
     c = ConfigDict()
     c.exact = True  # drop documents whose lower-cased, whitespace-collapsed text was seen before
@@ -97,11 +98,30 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _base_powers(n: int) -> np.ndarray:
+    """BASE^0 .. BASE^(n-1) mod 2^64 as the outer product of block powers and `_BLOCK_POWERS`."""
+    blocks = -(-n // len(_BLOCK_POWERS))
+    step = pow(_BASE, len(_BLOCK_POWERS), 2**64)
+    starts = np.cumprod(np.full(blocks, step, np.uint64)) * np.uint64(pow(step, -1, 2**64))
+    return (starts[:, None] * _BLOCK_POWERS[None, :]).ravel()[:n]
+
+
+def _span_hashes(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Polynomial hash sum_j values[start + j] * BASE^j mod 2^64 of every span [start, end) of `values`.
+
+    Computed for all spans at once from prefix sums of values[i] * BASE^i, rescaled by BASE^-start.
+    """
+    n = len(values)
+    powers = _base_powers(n + 1)
+    prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(values * powers[:-1], dtype=np.uint64)])
+    return (prefix[ends] - prefix[starts]) * powers[n - starts] * np.uint64(pow(_BASE, -n, 2**64))
+
+
 def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 hash of every word of every text, in order; int64 word count per text).
 
-    All texts are lower-cased, joined and hashed at once in numpy: a word's hash is the polynomial
-    sum_j byte_j * BASE^j mod 2^64 (from prefix sums over the whole buffer), then mixed.
+    All texts are lower-cased, joined and hashed at once: a word's hash is the mixed polynomial hash
+    of its UTF-8 bytes.
     """
     encoded = [" ".join(t.lower().split()).encode("utf-8", "surrogatepass") for t in texts]
     data = np.frombuffer(b" ".join(encoded).translate(_WORD_BYTES) + b" ", np.uint8)
@@ -111,14 +131,9 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         is_word[punct + k] = False
     edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    powers = np.cumprod(np.full(len(data), _BASE, np.uint64)) * np.uint64(_BASE_INV)  # BASE^0 .. BASE^(len-1)
-    prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(data * powers, dtype=np.uint64)])
-    last = len(data) - 1
-    start_scale = powers[last - starts] * np.uint64(pow(_BASE_INV, last, 2**64))  # BASE^-start
-    hashes = _mix64((prefix[ends] - prefix[starts]) * start_scale)
     doc_ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)) + 1)
     counts = np.diff(np.searchsorted(starts, doc_ends), prepend=0)
-    return hashes, counts
+    return _mix64(_span_hashes(data, starts, ends)), counts
 
 
 def _ngram_hashes(words: np.ndarray, counts: np.ndarray, n: int, short_whole: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -132,19 +147,13 @@ def _ngram_hashes(words: np.ndarray, counts: np.ndarray, n: int, short_whole: bo
     offset = np.arange(len(doc)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
     first = np.repeat(np.cumsum(counts) - counts, per_doc) + offset
     length = np.minimum(counts[doc], n)
-    padded = np.concatenate([words, np.zeros(n, np.uint64)])
-    acc = np.zeros(len(doc), np.uint64)
-    full = bool((length == n).all())
-    for j in range(n):
-        step = acc * np.uint64(_MUL) + padded[first + j]
-        acc = step if full else np.where(j < length, step, acc)
-    return _mix64(acc ^ length.astype(np.uint64)), doc
+    return _mix64(_span_hashes(words, first, first + length) ^ length.astype(np.uint64)), doc
 
 
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random (a, b) uint64 pairs of the hash family h(x) = (a x + b) mod 2^64, one per permutation."""
     a, b = np.random.default_rng(seed).integers(0, 2**64, size=(2, num_perm), dtype=np.uint64)
-    return a | np.uint64(1), b
+    return a, b
 
 
 def _minhash(x: np.ndarray, doc: np.ndarray, num_docs: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -184,6 +193,11 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle: int =
         x = (hashes ^ (hashes >> np.uint64(32))) & np.uint64(_MASK32)
         out[lo : lo + len(counts)] = _minhash(x, doc, len(counts), a, b)
     return out
+
+
+def similarity_estimate(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
+    """Jaccard similarity estimated from MinHash signatures: the fraction of equal entries."""
+    return (np.asarray(a) == np.asarray(b)).mean(-1)
 
 
 def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -312,13 +326,19 @@ class NearDedup:
     """
 
     def __init__(
-        self, threshold: float = 0.5, num_perm: int = 128, bands: int = 0, rows: int = 0, shingle: int = 3,
+        self,
+        threshold: float = 0.5,
+        num_perm: int = 128,
+        bands: int = 0,
+        rows: int = 0,
+        shingle: int = 3,
         seed: int = 0,
     ):
         """`bands`/`rows` 0 = chosen by `lsh_params` (one of them 0: num_perm // the other)."""
         if num_perm < 1 or shingle < 1 or bands < 0 or rows < 0:
-            raise ValueError(f"need num_perm >= 1, shingle >= 1, bands/rows >= 0; got {num_perm}, {shingle}, "
-                             f"{bands}, {rows}")
+            raise ValueError(
+                f"need num_perm >= 1, shingle >= 1, bands/rows >= 0; got {num_perm}, {shingle}, {bands}, {rows}"
+            )
         auto_bands, auto_rows = lsh_params(threshold, num_perm)
         if bands and not rows:
             rows = num_perm // bands
@@ -414,8 +434,12 @@ class NearDedup:
         """Parameters, kept (16-bit) signatures and the band table as numpy arrays (views; do not modify)."""
         params = (self.num_perm, self.bands, self.rows, self.shingle, self.seed)
         table = {f"band_{k}": v for k, v in self._table.state_dict().items()}
-        return {"threshold": np.float64(self.threshold), "params": np.array(params, np.int64),
-                "signatures": self._signatures[: self._size], **table}
+        return {
+            "threshold": np.float64(self.threshold),
+            "params": np.array(params, np.int64),
+            "signatures": self._signatures[: self._size],
+            **table,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> "NearDedup":
@@ -457,18 +481,20 @@ class Decontaminator:
         self.ngram = ngram
         texts, parts = list(eval_texts), [np.zeros(0, np.uint64)]
         for lo in range(0, len(texts), CHUNK_DOCS):
-            parts.append(self._hashes(texts[lo : lo + CHUNK_DOCS]))
+            parts.append(self._ngrams(texts[lo : lo + CHUNK_DOCS])[0])
         self._grams = np.unique(np.concatenate(parts))
 
     @classmethod
     def from_globs(cls, patterns: str, ngram: int = 13) -> "Decontaminator":
-        """From the files matching comma-separated globs, each read as one text (any format: only
-        its words count, so JSON keys merely break n-grams that would span fields)."""
+        """From the files matching comma-separated globs, each read as one text.
+
+        Any text format works: only words count, so JSON keys merely break n-grams spanning fields.
+        """
         return cls((Path(f).read_text(encoding="utf-8", errors="replace") for f in _glob_files(patterns)), ngram)
 
-    def _hashes(self, texts: Sequence[str]) -> np.ndarray:
+    def _ngrams(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         words, counts = _word_hashes(texts)
-        return _ngram_hashes(words, counts, self.ngram, short_whole=False)[0]
+        return _ngram_hashes(words, counts, self.ngram, short_whole=False)
 
     def __len__(self) -> int:
         """Number of distinct evaluation n-grams."""
@@ -476,18 +502,14 @@ class Decontaminator:
 
     def contaminated(self, text: str) -> bool:
         """True if `text` contains a word n-gram of the evaluation texts."""
-        grams = self._hashes([text])
-        if not len(grams) or not len(self._grams):
-            return False
-        pos = np.minimum(np.searchsorted(self._grams, grams), len(self._grams) - 1)
-        return bool((self._grams[pos] == grams).any())
+        return not self.filter_batch([text])[0]
 
-    def filter_batch(self, texts: Iterable[str]) -> list[bool]:
-        """True = keep (not contaminated), in order."""
-        return [not self.contaminated(t) for t in texts]
-
-
-def similarity_estimate(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
-    """Jaccard similarity estimated from MinHash signatures: the fraction of equal entries."""
-    return (np.asarray(a) == np.asarray(b)).mean(-1)
-
+    def filter_batch(self, texts: Sequence[str]) -> list[bool]:
+        """True = keep (not contaminated), in order; vectorised over the batch."""
+        keep = np.ones(len(texts), bool)
+        for lo in range(0, len(texts) if len(self._grams) else 0, CHUNK_DOCS):
+            grams, doc = self._ngrams(texts[lo : lo + CHUNK_DOCS])
+            order = np.argsort(grams)  # sorted queries make the binary search cache-friendly
+            pos = np.minimum(np.searchsorted(self._grams, grams[order]), len(self._grams) - 1)
+            keep[lo + doc[order[self._grams[pos] == grams[order]]]] = False
+        return keep.tolist()
