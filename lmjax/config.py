@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 def base_config() -> ConfigDict:
     """All knobs with their defaults; config files change some of them."""
     c = ConfigDict()
+    c.init_from = ""  # run directory whose latest parameters and tokenizer start this run (fine-tuning)
 
     c.model = m = ConfigDict()
     m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
@@ -66,7 +67,7 @@ def base_config() -> ConfigDict:
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
 
     c.data = d = ConfigDict()
-    d.train = "stdlib"  # source spec: stdlib | text:GLOB | jsonl:GLOB[:field]
+    d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, or chat:stdlib | chat:GLOB
     d.val = "stdlib:val"  # held-out source spec
 
     c.tokenizer = k = ConfigDict()
@@ -193,6 +194,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     for group in base:
         if group not in cfg:
             raise ConfigError(f"config has no {group!r} group")
+        if not isinstance(base[group], ConfigDict):
+            continue
         extra = set(cfg[group].keys()) - set(base[group].keys())
         if extra and group not in ("mesh",):
             raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")

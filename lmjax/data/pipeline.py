@@ -5,7 +5,10 @@ A batch is a dict of int32 arrays shaped [batch, seq_len]:
     targets      next-token ids (chunk[1:]), 0 on padding
     segment_ids  1, 2, ... per packed document chunk within a row, 0 on padding
     positions    0-based position within each segment, 0 on padding
-The loss mask is `segment_ids != 0`; attention must not cross segment boundaries.
+    loss_mask    (chat data only) 1 where the target is a token to learn, i.e. an assistant's reply
+Without `loss_mask` every non-padding target counts; attention must not cross segment boundaries.
+
+A chunk is an int32 array of tokens [n], or [2, n] of tokens and a per-token loss mask (chat).
 """
 
 import itertools
@@ -14,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import grain
 import numpy as np
 
+from lmjax.data.chat import encode_chat
 from lmjax.data.tokenizer import Tokenizer
 
 ENCODE_BATCH = 512  # documents per encode_batch call
@@ -42,24 +46,53 @@ def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int) 
     return chunks
 
 
+def tokenize_conversations(conversations: Iterable[list[dict]], tokenizer: Tokenizer,
+                           seq_len: int) -> list[np.ndarray]:
+    """Encode conversations with the chat template into [2, n] chunks of (tokens, loss mask). A
+    conversation longer than seq_len + 1 tokens keeps its longest prefix that ends with an assistant
+    reply and fits (conversations whose first assistant reply does not fit are dropped)."""
+    chunks = []
+    for messages in conversations:
+        for end in range(len(messages), 0, -1):
+            if messages[end - 1]["role"] != "assistant":
+                continue
+            ids, mask = encode_chat(messages[:end], tokenizer)
+            if len(ids) <= seq_len + 1:
+                chunks.append(np.stack([ids, mask]))
+                break
+    return chunks
+
+
+def chunk_tokens(chunk: np.ndarray) -> np.ndarray:
+    """The token ids of a chunk (dropping the loss-mask row of chat chunks)."""
+    return chunk if chunk.ndim == 1 else chunk[0]
+
+
 def _split_chunk(chunk: np.ndarray) -> dict[str, np.ndarray]:
-    return {"inputs": chunk[:-1], "targets": chunk[1:]}
+    if chunk.ndim == 1:
+        return {"inputs": chunk[:-1], "targets": chunk[1:]}
+    return {"inputs": chunk[0, :-1], "targets": chunk[0, 1:], "loss_mask": chunk[1, 1:]}
 
 
 def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
+    row = {
         "inputs": packed["inputs"],
         "targets": packed["targets"],
         "segment_ids": packed["inputs_segment_ids"],
         "positions": packed["inputs_positions"],
     }
+    if "loss_mask" in packed:
+        row["loss_mask"] = packed["loss_mask"]
+    return row
 
 
-def _packed(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle: bool) -> grain.IterDataset:
-    """First-fit pack {inputs, targets} elements into rows of seq_len tokens."""
+def _packed(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle: bool,
+            masked: bool = False) -> grain.IterDataset:
+    """First-fit pack {inputs, targets[, loss_mask]} elements into rows of seq_len tokens."""
+    lengths = {"inputs": seq_len, "targets": seq_len, **({"loss_mask": seq_len} if masked else {})}
     ds = grain.experimental.FirstFitPackIterDataset(
         ds,
-        length_struct={"inputs": seq_len, "targets": seq_len},
+        length_struct=lengths,
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle,
@@ -70,7 +103,7 @@ def _packed(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuff
 def _check_chunks(chunks: list[np.ndarray], seq_len: int) -> None:
     if not chunks:
         raise ValueError("no token chunks: the data source produced no documents")
-    longest = max(len(c) for c in chunks)
+    longest = max(c.shape[-1] for c in chunks)
     if longest > seq_len + 1:
         raise ValueError(f"a chunk has {longest} tokens, more than seq_len + 1 = {seq_len + 1}")
 
@@ -95,7 +128,7 @@ def train_iterator(
         raise ValueError(f"process {process_index} of {process_count} gets no chunks out of {len(chunks)}")
     ds = ds.seed(seed).shuffle().repeat(None).map(_split_chunk)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # prefetch threads cost more than they save
-    ids = _packed(ids, seq_len, PACKING_BINS_PER_ROW * batch_size, seed, shuffle=True)
+    ids = _packed(ids, seq_len, PACKING_BINS_PER_ROW * batch_size, seed, shuffle=True, masked=chunks[0].ndim == 2)
     return iter(ids.batch(batch_size, drop_remainder=True))
 
 
@@ -116,13 +149,15 @@ def eval_batches(
     _check_chunks(chunks, seq_len)
     ds = grain.MapDataset.source(chunks).map(_split_chunk).to_iter_dataset(grain.ReadOptions(num_threads=0))
     global_batch = batch_size * process_count
-    packed = _packed(ds, seq_len, global_batch, seed=0, shuffle=False)
+    masked = chunks[0].ndim == 2
+    packed = _packed(ds, seq_len, global_batch, seed=0, shuffle=False, masked=masked)
     rows = list(itertools.islice(packed, num_batches * global_batch))
     n_batches = -(-len(rows) // global_batch)
     rows = rows[process_index::process_count]
-    pad_row = {k: np.zeros(seq_len, dtype=np.int32) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + (("loss_mask",) if masked else ())
+    pad_row = {k: np.zeros(seq_len, dtype=np.int32) for k in keys}
     rows += [pad_row] * (n_batches * batch_size - len(rows))
     return [
-        {k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in BATCH_KEYS}
+        {k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in keys}
         for b in range(n_batches)
     ]

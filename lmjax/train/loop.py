@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, validate
-from lmjax.data.pipeline import eval_batches, tokenize_documents, train_iterator
+from lmjax.data.chat import read_chat
+from lmjax.data.pipeline import eval_batches, tokenize_conversations, tokenize_documents, train_iterator
 from lmjax.data.shards import parse_prepared
 from lmjax.data.sources import read_documents
 from lmjax.data.tokenizer import Tokenizer, train_tokenizer
@@ -41,25 +42,60 @@ def log(message: str) -> None:
 
 
 def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
-    """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else the one of a prepared
-    data.train directory, else one trained on data.train."""
+    """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else the `init_from` run's,
+    else the one of a prepared data.train directory, else one trained on data.train."""
     if (wd.tokenizer_dir / "tokenizer.model").is_file():
         return Tokenizer.load(wd.tokenizer_dir)
     wd.path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wd.path, prefix=".tokenizer-"))
     prepared = parse_prepared(cfg.data.train)
-    source = cfg.tokenizer.path or (str(prepared[0] / "tokenizer") if prepared else "")
+    source = (cfg.tokenizer.path or (str(Workdir(cfg.init_from).tokenizer_dir) if cfg.init_from else "")
+              or (str(prepared[0] / "tokenizer") if prepared else ""))
     if source:
         Tokenizer.load(source)
         shutil.copy(Path(source) / "tokenizer.model", tmp)
         log(f"using the tokenizer of {source}")
     else:
         start = time.time()
-        train_tokenizer(read_documents(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
+        train_tokenizer(_source_texts(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
         log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
             f"{cfg.data.train} in {time.time() - start:.1f}s")
     os.replace(tmp, wd.tokenizer_dir)
     return Tokenizer.load(wd.tokenizer_dir)
+
+
+def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
+    """Training chunks of a source: documents, or conversations (`chat:...`) with assistant-only loss."""
+    if spec.startswith("chat:"):
+        return tokenize_conversations(read_chat(spec[len("chat:"):]), tokenizer, seq_len)
+    return tokenize_documents(read_documents(spec), tokenizer, seq_len)
+
+
+def _source_texts(spec: str):
+    if spec.startswith("chat:"):
+        return (m["content"] for c in read_chat(spec[len("chat:"):]) for m in c)
+    return read_documents(spec)
+
+
+SHAPE_KEYS = ("family", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_model", "d_ff",
+              "tie_embeddings", "param_dtype")
+
+
+def init_params_from(cfg: ConfigDict, abstract_params):
+    """Parameters of the latest checkpoint of the run `cfg.init_from`, after checking its model shapes."""
+    source = Workdir(cfg.init_from)
+    source_model = source.load_config().model
+    diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
+    if cfg.model.family == "gpt2" and source_model.seq_len < cfg.model.seq_len:
+        diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)
+    if diff:
+        raise ConfigError(f"init_from {source.path} has a different model: "
+                          + ", ".join(f"{k} {a} (there) != {b} (here)" for k, (a, b) in diff.items()))
+    ckpt = Checkpointer(source.checkpoint_dir)
+    try:
+        return ckpt.restore_params(abstract_params)
+    finally:
+        ckpt.close()
 
 
 class _StopFlag:
@@ -105,11 +141,11 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
 
     start = time.time()
     seq_len = m_cfg.seq_len
-    train_chunks = tokenize_documents(read_documents(cfg.data.train), tokenizer, seq_len)
-    val_chunks = tokenize_documents(read_documents(cfg.data.val), tokenizer, seq_len)
-    n_train_tokens = sum(len(c) - 1 for c in train_chunks)
+    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len)
+    val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
+    n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
     log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
-        f"{sum(len(c) - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
+        f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
     baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
     data_iter = train_iterator(train_chunks, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
                                jax.process_index(), n_proc)
@@ -164,6 +200,11 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
             log(f"resumed from checkpoint at step {first_step}")
         else:
             state = init_fn()
+            if cfg.init_from:
+                abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                        abstract_state["params"], state_sharding["params"])
+                state["params"] = init_params_from(cfg, abstract)
+                log(f"initialised parameters from {cfg.init_from}")
             first_step, elapsed_before = 0, 0.0
             _rewrite_metrics(wd.metrics_path, [])
 
