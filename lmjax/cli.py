@@ -2,6 +2,8 @@
 
     lmjax train  --config configs/tiny.py [--config.model.num_layers=2 ...] --workdir runs/x
     lmjax sample --workdir runs/x --prompt "Return the" [--max-new-tokens 100 --temperature 0.8 ...]
+    lmjax chat   --workdir runs/x [--temperature 0.7 --top-p 0.9 --max-new-tokens 128 --system TEXT]
+    lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax tokenizer train --source stdlib --vocab-size 4096 --out tok/ ; lmjax tokenizer stats --tokenizer tok/
@@ -72,6 +74,61 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + text)
 
 
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.data.clean import Blocklist
+    from lmjax.serve.engine import ChatEngine
+    from lmjax.serve.safety import ContentFilter
+
+    if overrides:
+        raise ConfigError("chat takes no --config overrides (the run's config is used)")
+    engine = ChatEngine.from_workdir(args.workdir, args.step)
+    content_filter = ContentFilter(Blocklist.default())
+    system, messages = args.system, []
+    interactive = sys.stdin.isatty()
+    print("lmjax chat: /system TEXT sets the system prompt, /reset starts over, /quit leaves", flush=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        if line == "/quit":
+            break
+        if line == "/reset":
+            messages = []
+            print("(conversation reset)", flush=True)
+        elif line.startswith("/system"):
+            system = line[len("/system"):].strip()
+            print(f"(system prompt: {system!r})", flush=True)
+        elif line:
+            messages.append({"role": "user", "content": line})
+            if content_filter.screen_input(line):
+                reply = content_filter.refusal
+                print(f"assistant> {reply}", flush=True)
+            else:
+                conversation = ([{"role": "system", "content": system}] if system else []) + messages
+                stream = engine.stream_reply(conversation, args.temperature, args.top_p, args.max_new_tokens,
+                                             args.seed + len(messages))
+                print("assistant> ", end="", flush=True)
+                reply = ""
+                for text in content_filter.screen_stream(stream):
+                    shown = text[len(reply):] if text.startswith(reply) else "\n" + text
+                    print(shown, end="", flush=True)
+                    reply = text
+                print(flush=True)
+            messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.serve.demo import launch
+    from lmjax.serve.engine import ChatEngine
+
+    if overrides:
+        raise ConfigError("demo takes no --config overrides (the run's config is used)")
+    engine = ChatEngine.from_workdir(args.workdir, args.step)
+    engine.warmup()
+    launch(engine, host=args.host, port=args.port)
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
@@ -107,6 +164,22 @@ def cmd_tokenizer_stats(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{stats['bytes_per_token']:.3f} bytes/token, byte-fallback share {100 * stats['byte_fallback_share']:.3f}%")
 
 
+def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.data.chat_corpus import main_chat_data
+
+    main_chat_data(args.out, args.package or None)
+
+
+def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.eval.chat_qa import evaluate_workdir
+
+    metrics, examples = evaluate_workdir(args.workdir, args.source, args.limit, args.step)
+    for question, reply, reference in examples[: args.show]:
+        print(f"Q: {question}\nA: {reply}\nreference: {reference}\n")
+    print(f"{args.workdir}: ROUGE-L {metrics['rouge_l']:.3f}, exact match {metrics['exact_match']:.3f} "
+          f"on {metrics['questions']} questions of chat:{args.source}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description="Train and sample small language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("chat", help="chat with a trained run in the terminal (reads stdin)")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="reply tokens at most")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="serve the chat demo page (Gradio) of a trained run")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")
     p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: those present)")
@@ -148,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="bpe", choices=("bpe", "unigram", "char"), help="SentencePiece model type")
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
     p.set_defaults(func=cmd_tokenizer_train)
+    p = sub.add_parser("chat-data", help="write the embedded chat dataset (or one for your packages) as JSONL")
+    p.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
+    p.add_argument("--package", action="append", default=[], help="package to build it from (repeatable)")
+    p.set_defaults(func=cmd_chat_data)
+
+    evaluation = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    p = evaluation.add_parser("chat", help="ROUGE-L and exact match of greedy replies on held-out questions")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--source", default="stdlib:heldout", help="chat source (stdlib:heldout or a JSONL glob)")
+    p.add_argument("--limit", type=int, default=128, help="questions to ask")
+    p.add_argument("--show", type=int, default=3, help="examples to print")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_eval_chat)
+
     p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
     p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")
     p.add_argument("--source", default="stdlib:val", help="held-out source spec")

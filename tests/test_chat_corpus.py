@@ -1,0 +1,155 @@
+"""The embedded chat dataset: valid, short, varied, deterministic, and split by module."""
+
+import random
+import sys
+import textwrap
+
+import pytest
+
+from lmjax.data.chat import check_conversation, read_conversations
+from lmjax.data.chat_corpus import (
+    MAX_CONVERSATION_CHARS,
+    REFUSALS,
+    build_chat_dataset,
+    first_sentence,
+    identity_conversations,
+    is_heldout,
+    keyword_conversations,
+    main_chat_data,
+    module_conversations,
+    qa_pairs,
+    refusal_conversations,
+)
+
+MODULES = ["json", "textwrap", "fractions", "heapq", "bisect"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_chat_dataset(MODULES, heldout_fraction=0.3, seed=0)
+
+
+def _text(conversation) -> str:
+    return " ".join(m["content"] for m in conversation if m["role"] != "system")
+
+
+def test_conversations_are_valid_and_short(small):
+    assert small["train"] and small["heldout"]
+    for conversation in small["train"] + small["heldout"]:
+        check_conversation(conversation)
+        assert conversation[-1]["role"] == "assistant"
+        assert sum(len(m["content"]) for m in conversation) <= MAX_CONVERSATION_CHARS
+        assert all(len(m["content"]) <= 320 for m in conversation if m["role"] == "assistant")
+
+
+def test_heldout_modules_never_appear_in_train(small):
+    heldout = [m for m in ["json", "json.decoder", "json.encoder", "json.scanner", "json.tool", *MODULES[1:]]
+               if is_heldout(m, 0.3)]
+    assert heldout and len(heldout) < 9
+    train_text = " ".join(_text(c) for c in small["train"])
+    heldout_text = " ".join(_text(c) for c in small["heldout"])
+    for module in heldout:
+        assert f"`{module}." in heldout_text or f"`{module}`" in heldout_text
+        qualified = {w.strip("`.:") for w in heldout_text.split() if w.strip("`").startswith(module + ".")}
+        assert not any(q in train_text for q in qualified if q.count(".") > module.count("."))
+        assert f"the `{module}` module" not in train_text
+
+
+def test_deterministic_with_seed():
+    a = build_chat_dataset(["textwrap", "bisect"], seed=3)
+    assert a == build_chat_dataset(["textwrap", "bisect"], seed=3)
+    assert a != build_chat_dataset(["textwrap", "bisect"], seed=4)
+    assert module_conversations("heapq", random.Random(1)) == module_conversations("heapq", random.Random(1))
+
+
+def test_phrasing_variety():
+    questions = set()
+    for seed in range(8):
+        for conversation in module_conversations("textwrap", random.Random(seed)):
+            user = conversation[-2]["content"]
+            if conversation[-1]["content"].startswith("`textwrap.dedent`:") and len(conversation) <= 3:
+                questions.add(user)
+    assert len(questions) >= 5, questions
+
+
+def test_module_conversation_types():
+    conversations = module_conversations("textwrap", random.Random(0))
+    texts = [_text(c) for c in conversations]
+    assert any("`textwrap.TextWrapper`: " in t for t in texts)
+    assert any("`textwrap.dedent(text)`" in t for t in texts)
+    assert any("is in the `textwrap` module: `from textwrap import " in t for t in texts)
+    assert any("The `textwrap` module: " in t for t in texts)
+    assert any(len(c) >= 4 for c in conversations)
+
+
+def test_skipped_and_broken_modules():
+    assert module_conversations("this", random.Random(0)) == []
+    assert module_conversations("antigravity", random.Random(0)) == []
+    assert module_conversations("no_such_module_xyz", random.Random(0)) == []
+
+
+def test_first_sentence_cleans_markup():
+    doc = "Return the :func:`len` of ``x`` (see :ref:`foo`).\n\nMore text here."
+    assert first_sentence(doc) == "Return the `len` of `x`."
+    assert first_sentence("f(a, b) -> int\n\nCompute things, e.g. sums. Then more.") == "Compute things, e.g. sums."
+    assert first_sentence("x" * 400 + ".") is None
+
+
+def test_keywords_identity_and_refusals():
+    rng = random.Random(0)
+    keywords = keyword_conversations(rng)
+    assert any("`with` statement" in c[-1]["content"] for c in keywords)
+    identity = identity_conversations(rng)
+    assert len({c[-2]["content"] for c in identity}) >= 20
+    assert all("lmjax" in c[-1]["content"] or "Python" in c[-1]["content"] for c in identity)
+    refusals = refusal_conversations(rng)
+    assert len({c[-2]["content"] for c in refusals}) >= 50
+    assert all(c[-1]["content"] in REFUSALS and len(c[-1]["content"]) < 120 for c in refusals)
+
+
+def test_qa_pairs(small):
+    pairs = qa_pairs(small["heldout"])
+    assert len(pairs) == len(small["heldout"])
+    for prompt, answer in pairs:
+        assert prompt[-1]["role"] == "user" and answer
+
+
+def test_user_package(tmp_path, monkeypatch):
+    package = tmp_path / "mytoypkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""A toy package for tests."""\n\n'
+                                         'def greet(name: str) -> str:\n    """Return a friendly greeting."""\n')
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "maths.py").write_text(textwrap.dedent('''
+        """Small maths helpers."""
+
+        class Adder:
+            """Add numbers to a running total."""
+
+            def add(self, x: int) -> int:
+                """Add x and return the new total."""
+
+        def double(x: int) -> int:
+            """Return twice x."""
+        '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        split = build_chat_dataset(["mytoypkg"], heldout_fraction=0.0)
+        text = " ".join(_text(c) for c in split["train"])
+        assert "`mytoypkg.greet`: Return a friendly greeting." in text
+        assert "`mytoypkg.greet(name: str) -> str`" in text
+        assert "`mytoypkg.sub.maths.Adder.add`: Add x and return the new total." in text
+        counts = main_chat_data(str(tmp_path / "out"), ["mytoypkg"], log=lambda _: None)
+        assert counts["train"] == len(list(read_conversations(tmp_path / "out" / "train.jsonl")))
+        assert counts["heldout"] == len(list(read_conversations(tmp_path / "out" / "heldout.jsonl")))
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "mytoypkg"]:
+            del sys.modules[name]
+
+
+def test_stdlib_default_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMJAX_CACHE_DIR", str(tmp_path))
+    split = build_chat_dataset()
+    assert len(split["train"]) > 3000 and len(split["heldout"]) > 100
+    assert list(tmp_path.glob("stdlib-chat-*.jsonl"))
+    assert build_chat_dataset() == split
