@@ -19,7 +19,7 @@ $(VENV)/.dev: $(VENV)/.core
 	touch $@
 
 quickstart: $(VENV)/.core
-	$(VENV)/bin/python experiments/quickstart.py
+	$(VENV)/bin/python experiments/quickstart.py $(QUICKSTART_FLAGS)
 
 # The browser test drives Debian's Chromium (never a downloaded browser); it is skipped where it cannot
 # be installed (not root, no apt).

@@ -1,47 +1,73 @@
-"""Quickstart: from nothing to a small language model that writes like the Python docs.
+"""Quickstart: from nothing to a small chat model running in the browser, on a laptop CPU.
 
-    python experiments/quickstart.py [--workdir runs/quickstart]
+    python experiments/quickstart.py [--out runs/quickstart] [--no-demo]
 
-1. reads the embedded corpus (docstrings of this Python's standard library + pydoc topics),
-2. trains a SentencePiece BPE tokenizer on it,
-3. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) for 400 steps on this machine's
-   devices, logging loss, tokens/s, MFU and validation bits per byte against a unigram baseline,
-4. samples a few completions from the saved checkpoint, exactly as `lmjax sample` does.
+1. prepares the embedded corpus (docstrings of this Python's standard library + pydoc topics): cleaning,
+   deduplication, PII scrubbing, a train/val split, a SentencePiece tokenizer and a data card;
+2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (~7 minutes on 2 cores);
+3. fine-tunes it on the embedded chat dataset (questions about stdlib modules; ~3 minutes);
+4. asks both models held-out questions about modules never seen in fine-tuning and prints ROUGE-L;
+5. serves the chat demo on http://127.0.0.1:7860 (thumbs up/down go to OUT/sft/feedback.sqlite).
 
-Running it again resumes from the last checkpoint (and, once finished, only samples).
+Every step resumes: running the script again skips what is finished.
 """
 
 import argparse
 import time
+from pathlib import Path
 
-from lmjax.config import load_config
-from lmjax.infer.sampler import Sampler
+from lmjax.config import apply_overrides, load_config
+from lmjax.data.prepare import prepare
+from lmjax.data.shards import is_prepared
+from lmjax.eval.chat_qa import evaluate_workdir
 from lmjax.train.loop import train
-from lmjax.workdir import open_workdir, restore_model
 
-PROMPTS = ["Return the", "This module provides", "The with statement", "Raise ValueError if"]
+
+def step(title: str, start: float) -> None:
+    print(f"\n[quickstart {time.time() - start:5.0f}s] {title}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/quickstart", help="run directory")
+    parser.add_argument("--out", default="runs/quickstart", help="directory for the data and both runs")
+    parser.add_argument("--no-demo", action="store_true", help="stop after the evaluation")
+    parser.add_argument("--port", type=int, default=7860, help="port of the demo")
     args = parser.parse_args()
+    out, start = Path(args.out), time.time()
+    data, pretrain, sft = out / "data", out / "pretrain", out / "sft"
 
-    start = time.time()
-    print(f"[quickstart] pretraining configs/tiny.py into {args.workdir} (about 7 minutes on 2 CPU cores)")
-    result = train(load_config("configs/tiny.py"), args.workdir)
-    print(f"[quickstart] val bits/byte {result['val_bpb']:.3f} vs {result['unigram_bpb']:.3f} for a unigram model")
+    step("1/5 preparing the embedded corpus (seconds)", start)
+    card = prepare(load_config("configs/data/stdlib.py"), data) if not is_prepared(data) else None
+    if card:
+        print(f"  {card['documents_in']:,} documents in, {sum(card['documents_out'].values()):,} kept, "
+              f"{card['tokens_out']['train']:,} training tokens; data card: {data / 'card.md'}")
 
-    cfg, graphdef, params, tokenizer = restore_model(open_workdir(args.workdir))
-    sampler = Sampler(cfg.model, graphdef, params, tokenizer)
-    texts = sampler.generate(PROMPTS, max_new_tokens=48, temperature=0.7, top_p=0.9, stop=["\n\n"], seed=0)
-    print("[quickstart] samples from the saved checkpoint:")
-    for prompt, text in zip(PROMPTS, texts, strict=True):
-        print(f"  {prompt}{text}".replace("\n", " / "))
-    print(f"[quickstart] done in {time.time() - start:.0f}s. Try:\n"
-          f"  .venv/bin/lmjax sample --workdir {args.workdir} --prompt 'Return a list of'\n"
-          f"  .venv/bin/tensorboard --logdir {args.workdir}/tb   (if tensorboard is installed)\n"
-          f"  loss curve: {args.workdir}/loss.png")
+    step("2/5 pretraining configs/tiny.py (about 7 minutes)", start)
+    cfg = apply_overrides(load_config("configs/tiny.py"), [f"data.train={data}", f"data.val={data}:val"])
+    result = train(cfg, pretrain)
+    print(f"  val bits/byte {result['val_bpb']:.3f} vs {result['unigram_bpb']:.3f} for a unigram model")
+
+    step("3/5 chat fine-tuning configs/sft_tiny.py (about 3 minutes)", start)
+    train(apply_overrides(load_config("configs/sft_tiny.py"), [f"init_from={pretrain}"]), sft)
+
+    step("4/5 held-out questions (modules never seen in fine-tuning)", start)
+    scores = {}
+    for name, run in (("pretrained", pretrain), ("chat-tuned", sft)):
+        scores[name], examples = evaluate_workdir(str(run))
+    for question, reply, reference in examples[:4]:
+        print(f"  Q: {question}\n  A: {reply}\n     (reference: {reference})")
+    for name, s in scores.items():
+        print(f"  {name:>10}: ROUGE-L {s['rouge_l']:.3f}, exact match {s['exact_match']:.3f} "
+              f"on {s['questions']} questions")
+
+    if args.no_demo:
+        step("done", start)
+        return
+    step(f"5/5 chat demo on http://127.0.0.1:{args.port} (Ctrl+C to stop)", start)
+    from lmjax.serve.demo import launch
+    from lmjax.serve.engine import ChatEngine
+
+    launch(ChatEngine.from_workdir(sft), port=args.port)
 
 
 if __name__ == "__main__":
