@@ -24,8 +24,15 @@ PROMPT_BUCKET = 32  # prompts are padded to a multiple of this so prefill compil
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """Next tokens [B] from logits [B, V]: greedy when temperature <= 0, else softmax(logits / T)
-    restricted to the top_k most likely tokens (0 = all) and the smallest set of mass >= top_p."""
+    restricted to the top_k most likely tokens (0 = all) and the smallest set of mass >= top_p.
+    `temperature` is a scalar; greedy decoding skips the sort over the vocabulary."""
     logits = logits.astype(jnp.float32)
+    return jax.lax.cond(temperature <= 0, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                        lambda: _sample_filtered(logits, rng, temperature, top_k, top_p))
+
+
+def _sample_filtered(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                     top_p: jax.Array) -> jax.Array:
     scaled = logits / jnp.maximum(temperature, 1e-6)
     vocab = logits.shape[-1]
     ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -35,8 +42,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
     probs = jax.nn.softmax(ranked, axis=-1)
     kept = (rank == 0) | ((rank < k) & (jnp.cumsum(probs, axis=-1) - probs < top_p))
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-    sampled = jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf))
-    return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf)).astype(jnp.int32)
 
 
 def prefill(params: Params, tokens: jax.Array, valid: jax.Array, cache: dict, *,
@@ -70,12 +76,18 @@ class Sampler:
             raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({model_cfg.seq_len})")
         self._prefill = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
         self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=3)
+        self._sample = jax.jit(sample_logits)
+        # fold_in(key, i) for every step a generation can take, in one call instead of one per token.
+        self._step_keys = jax.jit(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(
+            jnp.arange(self.max_len)))
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0) -> list[str]:
+                 top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
+                 prompt_ids: Sequence[Sequence[int]] | None = None) -> list[str]:
         """Completions of `prompts` (a batch of any lengths), cut at eos, a stop string or max_new_tokens."""
-        last = collections.deque(self.stream(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed), 1)
-        return last[0] if last else [""] * len(prompts)
+        last = collections.deque(
+            self.stream(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, prompt_ids), 1)
+        return last[0] if last else [""] * len(prompts if prompt_ids is None else prompt_ids)
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
@@ -98,14 +110,19 @@ class Sampler:
             valid[row, width - len(p):] = True
         cache = init_cache(self.cfg, batch, self.max_len)
         logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(valid), cache)
-        rng = jax.random.PRNGKey(seed)
+        step_keys = np.asarray(self._step_keys(jax.random.PRNGKey(seed)))
         settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-        token = sample_logits(logits, jax.random.fold_in(rng, 0), *settings)
+        token = self._sample(logits, step_keys[0], *settings)
         position = jnp.asarray(valid.sum(1), jnp.int32)
         stop_ids = {self.tokenizer.eos_id, self.tokenizer.special_ids.get("<|end|>", -1)}
         generated: list[list[int]] = [[] for _ in range(batch)]
         texts, done = [""] * batch, [False] * batch
         for step in range(max_new_tokens):
+            last_step = step == max_new_tokens - 1
+            if not last_step:
+                # Queue the next step before reading this one: the device decodes while the host makes text.
+                next_token, cache = self._decode(self.params, token, position, cache, step_keys[step + 1], *settings)
+                position = position + 1
             host_token = jax.device_get(token)
             for row in range(batch):
                 if done[row]:
@@ -119,8 +136,6 @@ class Sampler:
                     if s and s in texts[row]:
                         texts[row], done[row] = texts[row][: texts[row].index(s)], True
             yield list(texts)
-            if all(done) or step == max_new_tokens - 1:
+            if all(done) or last_step:
                 break
-            token, cache = self._decode(self.params, token, position, cache,
-                                        jax.random.fold_in(rng, step + 1), *settings)
-            position = position + 1
+            token = next_token

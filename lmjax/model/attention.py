@@ -31,13 +31,10 @@ class Attention(nnx.Module):
             self.out_bias = param(rngs, (d,), ("embed",), pdt, std=None)
 
     def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q = project(x, self.query, "btd,dhk->bthk", self.dtype)
-        k = project(x, self.key, "btd,dhk->bthk", self.dtype)
-        v = project(x, self.value, "btd,dhk->bthk", self.dtype)
-        if self.use_bias:
-            q = q + self.query_bias[...].astype(self.dtype)
-            k = k + self.key_bias[...].astype(self.dtype)
-            v = v + self.value_bias[...].astype(self.dtype)
+        biases = (self.query_bias, self.key_bias, self.value_bias) if self.use_bias else (None, None, None)
+        q = project(x, self.query, "btd,dhk->bthk", self.dtype, biases[0])
+        k = project(x, self.key, "btd,dhk->bthk", self.dtype, biases[1])
+        v = project(x, self.value, "btd,dhk->bthk", self.dtype, biases[2])
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
@@ -70,7 +67,5 @@ class Attention(nnx.Module):
             mask = (valid[:, None, :] & seen) | (key_slot[None, :] == query_slot[:, None])
             mask = mask[:, None]
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
-        out = project(attended, self.out, "bthk,hkd->btd", self.dtype)
-        if self.use_bias:
-            out = out + self.out_bias[...].astype(self.dtype)
+        out = project(attended, self.out, "bthk,hkd->btd", self.dtype, self.out_bias if self.use_bias else None)
         return out, cache
