@@ -6,6 +6,7 @@
     lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
+    lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
     lmjax tokenizer train --source stdlib --vocab-size 4096 --out tok/ ; lmjax tokenizer stats --tokenizer tok/
 
 Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in configs, workdirs and
@@ -180,6 +181,21 @@ def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
           f"on {metrics['questions']} questions of chat:{args.source}")
 
 
+def cmd_feedback_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from lmjax.serve.feedback import FILENAME, export_preferences
+
+    db = Path(args.workdir) / FILENAME
+    if not db.is_file():
+        raise ValueError(f"{args.workdir} has no feedback database ({FILENAME})")
+    pairs = export_preferences(db)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
+    print(f"wrote {len(pairs)} preference pairs to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description="Train and sample small language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=3, help="examples to print")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_eval_chat)
+
+    feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo").add_subparsers(
+        dest="feedback_command", required=True)
+    p = feedback.add_parser("export", help="write (prompt, chosen, rejected) pairs as JSONL for DPO")
+    p.add_argument("--workdir", required=True, help="run directory holding the feedback database")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(func=cmd_feedback_export)
 
     p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
     p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")

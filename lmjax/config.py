@@ -64,11 +64,13 @@ def base_config() -> ConfigDict:
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
+    t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
+    t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
 
     c.data = d = ConfigDict()
-    d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, or chat:stdlib | chat:GLOB
-    d.val = "stdlib:val"  # held-out source spec
+    d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
+    d.val = "stdlib:val"  # held-out source spec (DPO: pairs; "" = every 10th pair of data.train)
 
     c.tokenizer = k = ConfigDict()
     k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
@@ -215,6 +217,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")
     _check(t.decay in ("cosine", "linear", "constant"), f"train.decay must be cosine|linear|constant, got {t.decay!r}")
+    _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
+    _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.eval_steps > 0,
            "train.log_every, train.ckpt_every and train.eval_steps must be positive")

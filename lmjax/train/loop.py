@@ -9,7 +9,9 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,15 @@ from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import make_mesh
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.train.checkpoint import Checkpointer
+from lmjax.train.dpo import (
+    dpo_eval_step,
+    dpo_step,
+    eval_pair_batches,
+    evaluate_pairs,
+    pair_batches,
+    read_pairs,
+    split_heldout,
+)
 from lmjax.train.metrics import MetricsWriter, format_duration, measure_matmul_peak, plot_losses, read_metrics
 from lmjax.train.optim import lr_schedule, make_optimizer
 from lmjax.train.step import eval_step, init_state, train_step
@@ -124,6 +135,9 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     validate(cfg)
     wd = Workdir(workdir)
     t_cfg, m_cfg = cfg.train, cfg.model
+    if t_cfg.objective == "dpo" and not cfg.init_from:
+        raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
+                          "reference")
     tokenizer = load_or_train_tokenizer(cfg, wd)
     if m_cfg.vocab_size == 0:
         m_cfg.vocab_size = tokenizer.vocab_size
@@ -139,60 +153,33 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
         raise ConfigError(f"micro-batch {micro} (train.batch_size / grad_accum) must be divisible by the "
                           f"{batch_ways} batch shards of the mesh and by {n_proc} processes")
 
-    start = time.time()
     seq_len = m_cfg.seq_len
-    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len)
-    val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
-    n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
-    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
-        f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
-    baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
-    data_iter = train_iterator(train_chunks, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
-                               jax.process_index(), n_proc)
-    val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
-
     graphdef, abstract_params, axes = abstract_model(m_cfg)
     tx = make_optimizer(t_cfg)
     schedule = lr_schedule(t_cfg)
     abstract_state = jax.eval_shape(functools.partial(init_state, m_cfg, tx, t_cfg.seed))
     state_sharding = tree_shardings(mesh, rules, abstract_state, axes)
-    train_batch_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", "length"), rules, mesh.shape))
-    eval_batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh.shape))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), replicated)
+    shardings = BatchShardings(
+        train=NamedSharding(mesh, logical_to_spec((None, "batch", "length"), rules, mesh.shape)),
+        eval=NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh.shape)),
+        replicated=NamedSharding(mesh, PartitionSpec()))
+    make_objective = _dpo_objective if t_cfg.objective == "dpo" else _lm_objective
+    objective = make_objective(cfg, tokenizer, graphdef, tx, abstract_state["params"], state_sharding, shardings)
+    data_iter = objective.data_iter
 
     n_params = count_params(abstract_params)
     flops_token = flops_per_token(m_cfg, abstract_params)
     peak = t_cfg.peak_tflops * 1e12 or measure_matmul_peak(m_cfg.dtype)
-    tokens_per_step = t_cfg.batch_size * seq_len
+    tokens_per_step = t_cfg.batch_size * seq_len * objective.rows_per_example
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({m_cfg.dtype})")
-    log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
 
     writer = MetricsWriter(wd.metrics_path, wd.tb_dir)
     ckpt = Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts)
     with use_rules(mesh, rules):
         init_fn = jax.jit(functools.partial(init_state, m_cfg, tx, t_cfg.seed), out_shardings=state_sharding)
-        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=m_cfg.dropout > 0),
-                          in_shardings=(state_sharding, train_batch_sharding),
-                          out_shardings=(state_sharding, replicated), donate_argnums=0)
-        eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                          in_shardings=(state_sharding["params"], eval_batch_sharding, replicated))
-
-        def evaluate(params) -> dict:
-            sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-            for batch in val_data:
-                out = eval_fn(params, _global(batch, eval_batch_sharding), token_bytes)
-                sums = {k: sums[k] + out[k] for k in sums}
-            sums = jax.device_get(sums)
-            loss = float(sums["loss_sum"] / max(sums["tokens"], 1))
-            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-                    "val_bpb": float(sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1))}
-
         if ckpt.latest_step() is not None:
-            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    abstract_state, state_sharding)
-            state = ckpt.restore(abstract, data_iter)
+            state = ckpt.restore(_with_sharding(abstract_state, state_sharding), data_iter)
             first_step = int(jax.device_get(state["step"]))
             records = [r for r in read_metrics(wd.metrics_path) if r["step"] <= first_step]
             _rewrite_metrics(wd.metrics_path, records)
@@ -201,9 +188,8 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
         else:
             state = init_fn()
             if cfg.init_from:
-                abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                        abstract_state["params"], state_sharding["params"])
-                state["params"] = init_params_from(cfg, abstract)
+                state["params"] = init_params_from(cfg, _with_sharding(abstract_state["params"],
+                                                                       state_sharding["params"]))
                 log(f"initialised parameters from {cfg.init_from}")
             first_step, elapsed_before = 0, 0.0
             _rewrite_metrics(wd.metrics_path, [])
@@ -216,7 +202,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
             while step < t_cfg.steps:
                 batch = next(data_iter)
                 batch = {k: v.reshape(t_cfg.grad_accum, -1, seq_len) for k, v in batch.items()}
-                state, metrics = step_fn(state, _global(batch, train_batch_sharding))
+                state, metrics = objective.step_fn(state, _global(batch, shardings.train))
                 interval_metrics.append(metrics)
                 step += 1
                 record = {}
@@ -228,16 +214,17 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
                         train_loss=float(np.mean([m["loss"] for m in fetched])),
                         grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
                         lr=float(schedule(step - 1)), tokens_per_sec=tok_s,
-                        mfu=tok_s * flops_token / (peak * jax.device_count()))
+                        mfu=tok_s * flops_token / (peak * jax.device_count()),
+                        **{f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("accuracy", "margin")
+                           if k in fetched[0]})
                     eta = (t_cfg.steps - step) * seconds / len(fetched)
                     log(f"step {step:>6}/{t_cfg.steps} | loss {record['train_loss']:.4f} | "
                         f"{tok_s:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}")
                     interval_metrics, interval_start = [], time.time()
                 if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
-                    last_val = evaluate(state["params"])
+                    last_val = objective.evaluate(state["params"])
                     record.update(last_val)
-                    log(f"step {step:>6} | val loss {last_val['val_loss']:.4f} | ppl {last_val['val_ppl']:.2f} | "
-                        f"bpb {last_val['val_bpb']:.3f} (unigram {baseline_bpb:.3f})")
+                    log(f"step {step:>6} | {objective.describe(last_val)}")
                     interval_start = time.time()
                 if record:
                     record.update(step=step, elapsed_s=elapsed_before + time.time() - run_start)
@@ -248,8 +235,8 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
                     log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
                     break
         if not last_val and not stop.signal:
-            last_val = evaluate(state["params"])
-            log(f"step {step:>6} | val loss {last_val['val_loss']:.4f} | bpb {last_val['val_bpb']:.3f} (resumed)")
+            last_val = objective.evaluate(state["params"])
+            log(f"step {step:>6} | {objective.describe(last_val)} (resumed)")
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
@@ -257,7 +244,98 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     if jax.process_count() == 1 and t_cfg.samples and not stop.signal:
         write_samples(Sampler(m_cfg, graphdef, state["params"], tokenizer), list(t_cfg.samples), wd.samples_path,
                       t_cfg.seed)
-    return {"step": step, "stopped_by": stop.signal or "", "unigram_bpb": baseline_bpb, **last_val}
+    return {"step": step, "stopped_by": stop.signal or "", **objective.result, **last_val}
+
+
+class BatchShardings(NamedTuple):
+    """Layouts of train batches ([grad_accum, batch, length]), eval batches ([batch, length]) and scalars."""
+    train: NamedSharding
+    eval: NamedSharding
+    replicated: NamedSharding
+
+
+class Objective(NamedTuple):
+    """What `train` optimises: its data, jitted step and evaluation (`train.objective`)."""
+    data_iter: Any  # endless, checkpointable iterator of this process's train batches
+    step_fn: Callable  # (state, global batch) -> (state, metrics with loss and grad_norm)
+    evaluate: Callable  # params -> validation metrics
+    describe: Callable  # validation metrics -> one log line
+    rows_per_example: int  # sequences per batch example, for tokens/s
+    result: dict  # extra entries of train()'s result
+
+
+def _lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
+                  shardings: BatchShardings) -> Objective:
+    """Next-token prediction on documents or conversations; validation loss, perplexity and bits per byte."""
+    t_cfg, seq_len = cfg.train, cfg.model.seq_len
+    n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
+    start = time.time()
+    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len)
+    val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
+    n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
+    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
+        f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
+    baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
+    log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
+    data_iter = train_iterator(train_chunks, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
+                               jax.process_index(), n_proc)
+    val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
+    token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
+                      in_shardings=(state_sharding, shardings.train),
+                      out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                      in_shardings=(state_sharding["params"], shardings.eval, shardings.replicated))
+
+    def evaluate(params) -> dict:
+        sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+        for batch in val_data:
+            out = eval_fn(params, _global(batch, shardings.eval), token_bytes)
+            sums = {k: sums[k] + out[k] for k in sums}
+        sums = jax.device_get(sums)
+        loss = float(sums["loss_sum"] / max(sums["tokens"], 1))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+                "val_bpb": float(sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1))}
+
+    def describe(v: dict) -> str:
+        return (f"val loss {v['val_loss']:.4f} | ppl {v['val_ppl']:.2f} | bpb {v['val_bpb']:.3f} "
+                f"(unigram {baseline_bpb:.3f})")
+
+    return Objective(data_iter, step_fn, evaluate, describe, 1, {"unigram_bpb": baseline_bpb})
+
+
+def _dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
+                   shardings: BatchShardings) -> Objective:
+    """DPO (lmjax/train/dpo.py) on the preference pairs of data.train against the frozen `init_from`
+    parameters; held out: the pairs of data.val, or every 10th pair of data.train if data.val is ""."""
+    t_cfg, seq_len = cfg.train, cfg.model.seq_len
+    n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
+    pairs = read_pairs(cfg.data.train)
+    train_pairs, val_pairs = (pairs, read_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
+    log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs")
+    data_iter = pair_batches(train_pairs, tokenizer, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
+                             jax.process_index(), n_proc)
+    val_data = [_global(b, shardings.eval) for b in eval_pair_batches(
+        val_pairs, tokenizer, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
+    params_sharding = state_sharding["params"]
+    ref_params = init_params_from(cfg, _with_sharding(abstract_params, params_sharding))
+    step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta),
+                   in_shardings=(state_sharding, params_sharding, shardings.train),
+                   out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(dpo_eval_step, graphdef=graphdef, beta=t_cfg.dpo_beta),
+                      in_shardings=(params_sharding, params_sharding, shardings.eval))
+
+    def describe(v: dict) -> str:
+        return (f"val DPO loss {v['val_loss']:.4f} | preference accuracy {v['val_accuracy']:.3f} | "
+                f"log-ratio margin {v['val_margin']:.3f}")
+
+    return Objective(data_iter, lambda state, batch: step(state, ref_params, batch),
+                     lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {})
+
+
+def _with_sharding(abstract, shardings):
+    """`abstract` shapes with `shardings` attached (what Orbax restores into)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
 
 
 def write_samples(sampler: Sampler, prompts: list[str], path: Path, seed: int) -> None:

@@ -5,6 +5,7 @@ arrays `inputs`, `targets`, `segment_ids`, `positions` (and optionally `loss_mas
 a leading micro-batch axis [grad_accum, micro_batch, seq_len], eval batches are [batch, seq_len].
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,35 +42,46 @@ def token_losses(params: Params, graphdef: nnx.GraphDef, batch: Batch,
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
-def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               dropout: bool) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all counted tokens
-    of the whole batch, so accumulation gives the same update as one big batch."""
+def accumulated_update(state: State, batch: Batch, summed_loss: Callable, tx: optax.GradientTransformation,
+                       count_key: str) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step over the micro-batches of `batch` (leading axis). `summed_loss(params, micro, rng)`
+    returns (loss sum, dict of sums); the loss and the other sums are averaged over the total of
+    `sums[count_key]`, so accumulation gives the same update as one big batch."""
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-
-    def summed_loss(params, micro, rng):
-        weights = loss_weights(micro)
-        losses = token_losses(params, graphdef, micro, rng if dropout else None)
-        return (losses * weights).sum(), weights.sum()
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def accumulate(carry, xs):
-        grads, loss, count = carry
+        grads, loss, sums = carry
         micro, i = xs
-        (m_loss, m_count), m_grads = jax.value_and_grad(summed_loss, has_aux=True)(
-            state["params"], micro, jax.random.fold_in(step_rng, i))
-        return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, count + m_count), None
+        (m_loss, m_sums), m_grads = grad_fn(state["params"], micro, jax.random.fold_in(step_rng, i))
+        return (jax.tree.map(jnp.add, grads, m_grads), loss + m_loss, jax.tree.map(jnp.add, sums, m_sums)), None
 
-    num_micro = batch["inputs"].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    (grads, loss, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (batch, jnp.arange(num_micro)))
-    count = jnp.maximum(count, 1.0)
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    first = jax.tree.map(lambda x: x[0], batch)
+    sum_shapes = jax.eval_shape(summed_loss, state["params"], first, step_rng)[1]
+    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes))
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(num_micro)))
+    count = jnp.maximum(sums[count_key], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-    metrics = {"loss": loss / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    return new_state, metrics
+    metrics = {k: v if k == count_key else v / count for k, v in sums.items()}
+    return new_state, {"loss": loss / count, "grad_norm": optax.tree.norm(grads), **metrics}
+
+
+def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               dropout: bool) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step of next-token prediction; the loss is the mean over all counted tokens of the
+    whole batch (see `accumulated_update`)."""
+
+    def summed_loss(params, micro, rng):
+        weights = loss_weights(micro)
+        losses = token_losses(params, graphdef, micro, rng if dropout else None)
+        return (losses * weights).sum(), {"tokens": weights.sum()}
+
+    return accumulated_update(state, batch, summed_loss, tx, count_key="tokens")
 
 
 def eval_step(params: Params, batch: Batch, token_bytes: jax.Array, *,
