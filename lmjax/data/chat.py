@@ -48,20 +48,25 @@ def encode_chat(messages: Sequence[Message], tokenizer: Tokenizer,
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
-def read_conversations(path: str | Path) -> Iterator[list[Message]]:
-    """Conversations from a JSONL file; a malformed line raises ValueError naming file and line."""
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed record) per non-blank line; a line that is not JSON raises ValueError naming it."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            check_conversation(messages, where)
-            yield messages
+
+
+def read_conversations(path: str | Path) -> Iterator[list[Message]]:
+    """Conversations from a JSONL file; a malformed line raises ValueError naming file and line."""
+    for where, record in read_jsonl(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        check_conversation(messages, where)
+        yield messages
 
 
 def read_chat(spec: str) -> list[list[Message]]:

@@ -11,7 +11,6 @@ A DPO batch holds `chosen_*` and `rejected_*` versions of the usual batch arrays
 """
 
 import glob
-import json
 
 import grain
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lmjax.data.chat import check_conversation, encode_chat
+from lmjax.data.chat import check_conversation, encode_chat, read_jsonl
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.model.params import Params
 from lmjax.train.step import Batch, State, accumulated_update, loss_weights, token_losses
@@ -36,19 +35,11 @@ def read_pairs(spec: str) -> list[Pair]:
         raise ValueError(f"preference source {spec!r}: no files match")
     pairs = []
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    pair = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e})") from None
-                if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in SIDES):
-                    raise ValueError(f'{where}: expected {{"prompt": messages, "chosen": str, "rejected": str}}')
-                check_conversation(pair.get("prompt"), where)
-                pairs.append(pair)
+        for where, pair in read_jsonl(path):
+            if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in SIDES):
+                raise ValueError(f'{where}: expected {{"prompt": messages, "chosen": str, "rejected": str}}')
+            check_conversation(pair.get("prompt"), where)
+            pairs.append(pair)
     return pairs
 
 
