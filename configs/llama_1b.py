@@ -2,8 +2,10 @@
 
     lmjax plan --config configs/llama_1b.py --devices 1 --device-memory-gb 80
 
-An accelerator config: not trained here. Expect `plan` to print ~1.24B parameters and ~16 bytes/parameter of
-weights + gradients + Adam moments in float32 (about 20 GB), which fits one 80 GB GPU before activations.
+An accelerator config: not trained here. Expect `plan` to print ~1.24B parameters, ~16 bytes/parameter of
+weights + gradients + Adam moments in float32 (about 20 GB, +5 GB gradient accumulator) and, with remat=full
+and micro-batches of 8 sequences, ~37 GB of activations: ~61 GB, fits one 80 GB GPU. Launch recipe for a
+node of 8 GPUs (pretrain, chat-tune, demo, DPO): experiments/launch/gpu_node.sh.
 """
 
 from lmjax.config import base_config
@@ -23,7 +25,8 @@ def get_config():
     c.model.tie_embeddings = True
     c.train.steps = 20000
     c.train.batch_size = 256
-    c.train.grad_accum = 8
+    c.train.grad_accum = 32  # micro-batches of 8 sequences: fits one 80 GB GPU with remat=full (lmjax plan)
+    c.model.remat = "full"
     c.train.lr = 3e-4
     c.train.warmup_steps = 1000
     c.train.eval_every = 1000

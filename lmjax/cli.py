@@ -44,6 +44,9 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    import jax
+
+    from lmjax.parallel.distributed import initialize
     from lmjax.train.loop import train
     from lmjax.workdir import Workdir
 
@@ -54,8 +57,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         cfg = apply_overrides(wd.load_config(), overrides)
     else:
         raise ConfigError(f"--config is required: {wd.path} holds no config.json to resume from")
+    initialize(cfg)
     result = train(cfg, wd.path)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if jax.process_index() == 0:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -136,7 +141,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.plan import format_plan, plan
 
     cfg = _config(args, overrides)
-    print(format_plan(plan(cfg, args.devices or jax.device_count()), args.device_memory_gb))
+    print(format_plan(plan(cfg, args.devices or jax.device_count(), args.device_memory_gb)))
 
 
 def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -238,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")
     p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: those present)")
-    p.add_argument("--device-memory-gb", type=float, default=0.0, help="say whether the state fits this")
+    p.add_argument("--device-memory-gb", type=float, default=0.0,
+                   help="GB (1e9 bytes) per device: say whether the run fits and the largest batch that does")
     p.set_defaults(func=cmd_plan)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)

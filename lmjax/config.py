@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("nothing", "dots", "full")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ def base_config() -> ConfigDict:
     m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
     m.rope_theta = 10000.0  # RoPE base frequency (llama family)
     m.tie_embeddings = False  # share the input embedding with the output projection
+    m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps in total
@@ -71,6 +73,7 @@ def base_config() -> ConfigDict:
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
     d.val = "stdlib:val"  # held-out source spec (DPO: pairs; "" = every 10th pair of data.train)
+    d.loaders = 0  # independent data shards (a multiple of the process count; fixes the data order); 0 = 1/process
 
     c.tokenizer = k = ConfigDict()
     k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
@@ -91,6 +94,13 @@ def base_config() -> ConfigDict:
     r.head_dim = ""
     r.mlp = "tensor"
     r.position = ""
+
+    c.distributed = p = ConfigDict()  # how this process joins a multi-process job (not saved with the run)
+    p.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
+    p.num_processes = 0  # processes in the job; 0 = auto-detect (SLURM, Open MPI, Cloud TPU), else one
+    p.process_id = -1  # this process's index in [0, num_processes); -1 = auto-detect
+    p.local_cpu_devices = 0  # CPU devices per process (jax_num_cpu_devices), e.g. for tests; 0 = JAX's default
+    p.timeout_s = 300  # seconds to wait for every process to join
     return c
 
 
@@ -213,6 +223,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
            f"model.d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless head_dim is set")
     _check(m.family != "llama" or head_dim(m) % 2 == 0, "llama head_dim must be even for RoPE")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES} (what each block keeps for the "
+           f"backward pass), got {m.remat!r}")
     _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")
@@ -220,6 +232,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(cfg.data.loaders >= 0, f"data.loaders must be >= 0 (0 = one per process), got {cfg.data.loaders}")
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.eval_steps > 0,
            "train.log_every, train.ckpt_every and train.eval_steps must be positive")
     _check(cfg.tokenizer.kind in ("bpe", "unigram", "char"),

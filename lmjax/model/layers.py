@@ -6,8 +6,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.parallel.rules import constrain
+
+PROJECTION = "projection"  # name of every `project` output (the matmuls without batch dimensions)
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype,
@@ -51,11 +54,13 @@ _einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 def project(x: jax.Array, w: nnx.Param, equation: str, dtype: jnp.dtype,
             bias: nnx.Param | None = None) -> jax.Array:
     """`einsum(equation, x, w) + bias` with both matmul inputs in the compute dtype, float32 accumulation
-    (forward and backward) and the bias added in float32 before rounding to the compute dtype."""
+    (forward and backward) and the bias added in float32 before rounding to the compute dtype. The result
+    is named `PROJECTION` for rematerialisation policies: the custom VJP hides its matmul from JAX's
+    dot-based policies, so `model.remat="dots"` saves these names instead."""
     out = _einsum_f32(equation, x.astype(dtype), w[...].astype(dtype))
     if bias is not None:
         out = out + bias[...].astype(jnp.float32)
-    return out.astype(dtype)
+    return checkpoint_name(out.astype(dtype), PROJECTION)
 
 
 class LayerNorm(nnx.Module):

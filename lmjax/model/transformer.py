@@ -13,8 +13,18 @@ from ml_collections import ConfigDict
 
 from lmjax.config import head_dim, kv_heads
 from lmjax.model.attention import Attention
-from lmjax.model.layers import GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, param
+from lmjax.model.layers import PROJECTION, GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, param
 from lmjax.parallel.rules import constrain
+
+# What a rematerialised block keeps for the backward pass (`model.remat`); the rest is recomputed there.
+# "dots": the outputs of the matmuls without batch dimensions, i.e. the projections, in the compute dtype
+# (the effect of `dots_with_no_batch_dims_saveable`, which cannot see into `project`'s custom VJP);
+# attention scores and probabilities, norms, RoPE and activations are recomputed. "full": nothing but
+# the block's input. "nothing" means no rematerialisation (the block is not wrapped at all).
+REMAT = {
+    "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class Block(nnx.Module):
@@ -56,6 +66,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
         self.tie_embeddings = cfg.tie_embeddings
+        self.remat = cfg.remat
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
 
@@ -65,6 +76,8 @@ class Transformer(nnx.Module):
 
         `dropout_rng` turns dropout on (training). `cache` (from `init_cache`) switches to decoding:
         the T new tokens are written at slot `cache['index']` and attend to all earlier valid slots.
+        Without a cache each block is rematerialised under `model.remat` (this only changes what the
+        backward pass stores and recomputes, never the values).
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if self.family == "gpt2":
@@ -80,9 +93,11 @@ class Transformer(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, index))
         layer_caches = []
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block(x, positions, segment_ids, rngs[i], layer_cache, valid, index)
-            layer_caches.append(layer_cache)
+            if cache is None:
+                x = _train_block(block, self.remat, x, positions, segment_ids, rngs[i])
+            else:
+                x, layer_cache = block(x, positions, segment_ids, rngs[i], cache["layers"][i], valid, index)
+                layer_caches.append(layer_cache)
         x = self.final_norm(x)
         head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
@@ -91,6 +106,16 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_cache = {"layers": layer_caches, "valid": valid, "index": index + tokens.shape[1]}
         return logits, new_cache
+
+
+def _train_block(block: Block, remat: str, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 rng: jax.Array | None) -> jax.Array:
+    """`block(x, ...)` without a cache; unless `remat` is "nothing", its backward pass keeps only what the
+    policy `REMAT[remat]` saves and recomputes the rest of the block."""
+    call = lambda b, *args: b(*args)[0]
+    if remat != "nothing":
+        call = nnx.remat(call, policy=REMAT[remat])
+    return call(block, x, positions, segment_ids, rng)
 
 
 def init_cache(cfg: ConfigDict, batch_size: int, max_len: int) -> dict:

@@ -35,3 +35,15 @@ def make_mesh(mesh_cfg: ConfigDict, devices: list | None = None) -> Mesh:
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def check_model_fits_mesh(model_cfg: ConfigDict, sizes: dict[str, int]) -> None:
+    """Raises ConfigError, before anything is compiled, when the `tensor` mesh axis does not divide the
+    query heads, the key/value heads or d_ff, which tensor parallelism splits across its devices."""
+    tensor = sizes.get("tensor", 1)
+    for what, value in (("model.num_heads", model_cfg.num_heads),
+                        ("the key/value heads (model.num_kv_heads)", model_cfg.num_kv_heads or model_cfg.num_heads),
+                        ("model.d_ff", model_cfg.d_ff)):
+        if value % tensor:
+            raise ConfigError(f"the tensor mesh axis ({tensor} devices) does not divide {what} = {value}; "
+                              f"pick a mesh.tensor that divides it")

@@ -1,17 +1,18 @@
 """Orbax checkpoints of the train state and the data iterator, written together per step.
 
 Each checkpoint holds three items: `params` (what sampling needs), `train` (step, optimizer state,
-RNG) and `data` (the grain iterator position). Saves are asynchronous; Orbax writes into a temporary
+RNG) and `loaders` (JSON: the position of every data loader of every process, lmjax/data/loaders.py,
+written by the primary process only). Saves are asynchronous; Orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous checkpoints intact.
 """
 
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax.data.loaders import Loaders
 from lmjax.train.step import State
 
 
@@ -20,7 +21,7 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores train states (with data iterators) under `directory`."""
+    """Saves and restores train states (with data loader positions) under `directory`."""
 
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -31,28 +32,31 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, state: State, data_iter: Any | None = None) -> None:
-        """Starts an asynchronous save of `state` (and the data iterator position) at its step."""
+    def save(self, state: State, loaders: Loaders | None = None) -> None:
+        """Starts an asynchronous save of `state` (and the loaders' positions) at its step; every process
+        calls it."""
         step = int(jax.device_get(state["step"]))
         items = {
             "params": ocp.args.StandardSave(state["params"]),
             "train": ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
         }
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if loaders is not None:
+            items["loaders"] = ocp.args.JsonSave(loaders.state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, abstract_state: State, data_iter: Any | None = None, step: int | None = None) -> State:
+    def restore(self, abstract_state: State, loaders: Loaders | None = None, step: int | None = None) -> State:
         """The state at `step` (default: latest) laid out like `abstract_state` (shapes and shardings);
-        moves `data_iter` to the saved position."""
+        moves this process's `loaders` to their saved positions."""
         step = self._step(step)
         items = {
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train": ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
         }
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if loaders is not None:
+            items["loaders"] = ocp.args.JsonRestore()
         restored = self._restore(step, items)
+        if loaders is not None:
+            loaders.restore(restored["loaders"])
         return {"params": restored["params"], **restored["train"]}
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:

@@ -11,16 +11,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from lmjax.config import ConfigError, validate
+from lmjax.config import ConfigError, base_config, validate
 from lmjax.data.chat import read_chat
+from lmjax.data.loaders import Loaders, loader_count
 from lmjax.data.pipeline import eval_batches, tokenize_conversations, tokenize_documents, train_iterator
 from lmjax.data.shards import parse_prepared
 from lmjax.data.sources import read_documents
@@ -28,7 +30,8 @@ from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 from lmjax.eval.baselines import unigram_bpb
 from lmjax.infer.sampler import Sampler
 from lmjax.model.params import abstract_model, count_params, flops_per_token
-from lmjax.parallel.mesh import make_mesh
+from lmjax.parallel import distributed
+from lmjax.parallel.mesh import check_model_fits_mesh, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.dpo import (
@@ -110,16 +113,25 @@ def init_params_from(cfg: ConfigDict, abstract_params):
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits).
+    With several processes JAX's preemption service handles SIGTERM instead, so that every process
+    stops after the same step."""
 
     def __init__(self):
         self.signal = None
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if jax.process_count() == 1:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def check(self, step: int) -> str | None:
+        """The signal to stop on after `step`, if any (the same on every process)."""
+        if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+            self.signal = "SIGTERM"
+        return self.signal
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -133,17 +145,26 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
     cfg = ConfigDict(cfg.to_dict())
     validate(cfg)
+    distributed.initialize(cfg)
     wd = Workdir(workdir)
     t_cfg, m_cfg = cfg.train, cfg.model
+    check_model_fits_mesh(m_cfg, mesh_shape(cfg.mesh, jax.device_count()))  # before any data or compilation
     if t_cfg.objective == "dpo" and not cfg.init_from:
         raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
                           "reference")
+    cfg.data.loaders = loader_count(cfg.data.loaders, jax.process_count(), t_cfg.batch_size, t_cfg.grad_accum)
+    if jax.process_index() == 0:
+        load_or_train_tokenizer(cfg, wd)
+    distributed.barrier("tokenizer")  # the other processes read the one process 0 put in the (shared) workdir
     tokenizer = load_or_train_tokenizer(cfg, wd)
     if m_cfg.vocab_size == 0:
         m_cfg.vocab_size = tokenizer.vocab_size
     if m_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {m_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
-    wd.save_config(cfg)
+    if jax.process_index() == 0:
+        saved = ConfigDict(cfg.to_dict())
+        saved.distributed = base_config().distributed  # how processes join is not part of the run
+        wd.save_config(saved)
 
     mesh = make_mesh(cfg.mesh)
     rules = dict(cfg.mesh.rules)
@@ -229,7 +250,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
                 if record:
                     record.update(step=step, elapsed_s=elapsed_before + time.time() - run_start)
                     writer.write(record)
-                if step % t_cfg.ckpt_every == 0 or step == t_cfg.steps or stop.signal:
+                if stop.check(step) or step % t_cfg.ckpt_every == 0 or step == t_cfg.steps:
                     ckpt.save(state, data_iter)
                 if stop.signal:
                     log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
@@ -256,7 +277,7 @@ class BatchShardings(NamedTuple):
 
 class Objective(NamedTuple):
     """What `train` optimises: its data, jitted step and evaluation (`train.objective`)."""
-    data_iter: Any  # endless, checkpointable iterator of this process's train batches
+    data_iter: Loaders  # this process's rows of each global train batch, checkpointable
     step_fn: Callable  # (state, global batch) -> (state, metrics with loss and grad_norm)
     evaluate: Callable  # params -> validation metrics
     describe: Callable  # validation metrics -> one log line
@@ -277,8 +298,8 @@ def _lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_
         f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
     baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
     log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
-    data_iter = train_iterator(train_chunks, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
-                               jax.process_index(), n_proc)
+    data_iter = _loaders(cfg, lambda k, count, rows: train_iterator(train_chunks, seq_len, rows, t_cfg.seed, k,
+                                                                    count))
     val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
@@ -313,8 +334,8 @@ def _dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract
     pairs = read_pairs(cfg.data.train)
     train_pairs, val_pairs = (pairs, read_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
     log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs")
-    data_iter = pair_batches(train_pairs, tokenizer, seq_len, t_cfg.batch_size // n_proc, t_cfg.seed,
-                             jax.process_index(), n_proc)
+    data_iter = _loaders(cfg, lambda k, count, rows: pair_batches(train_pairs, tokenizer, seq_len, rows,
+                                                                  t_cfg.seed, k, count))
     val_data = [_global(b, shardings.eval) for b in eval_pair_batches(
         val_pairs, tokenizer, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
@@ -331,6 +352,12 @@ def _dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract
 
     return Objective(data_iter, lambda state, batch: step(state, ref_params, batch),
                      lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {})
+
+
+def _loaders(cfg: ConfigDict, make) -> Loaders:
+    """This process's share of the `data.loaders` train loaders built by `make(index, count, rows)`."""
+    return Loaders(make, cfg.data.loaders, cfg.train.batch_size, cfg.train.grad_accum, jax.process_index(),
+                   jax.process_count())
 
 
 def _with_sharding(abstract, shardings):
