@@ -3,9 +3,11 @@ checkpoints that resume on a different number of processes."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +191,32 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     # order than within one process: float32 differences of a few ulps (~1e-6 on a loss near 6) per step.
     assert _losses(multi) == pytest.approx(_losses(single), abs=1e-4)
     assert len(_losses(single)) == 9
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """A preemption notice (SIGTERM) reaching one host: both processes checkpoint after the same step and
+    exit cleanly, and the run resumes from that checkpoint."""
+    workdir, port = tmp_path / "run", _free_port()
+    config = ["--config", "configs/tiny.py", *[f"--config.{o}" for o in TINY_OVERRIDES + RUN + MESH]]
+    procs = []
+    for i in range(2):
+        join = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                f"distributed.process_id={i}", "distributed.local_cpu_devices=4", "train.steps=10000"]
+        procs.append(subprocess.Popen([*LMJAX, *config, *[f"--config.{o}" for o in join], "--workdir", str(workdir)],
+                                      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.time() + 180
+        while not (workdir / "metrics.jsonl").is_file() or len(_losses(workdir)) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and 2 <= steps[0] < 10000, steps
+    assert f"SIGTERM: checkpoint saved at step {steps[0]}" in outputs[0]
+    _train(workdir, [f"train.steps={steps[0] + 2}"], processes=2, fresh=False)
+    assert len(_losses(workdir)) == steps[0] + 2
