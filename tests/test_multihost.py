@@ -19,7 +19,7 @@ from lmjax.config import ConfigError, base_config
 from lmjax.data.loaders import Loaders, loader_count
 from lmjax.data.pipeline import train_iterator
 from lmjax.parallel.distributed import ClusterSpec, cluster_spec, detect_cluster, initialize
-from lmjax.train.checkpoint import Checkpointer
+from lmjax.train.checkpoint import Checkpointer, CheckpointError
 
 LMJAX = [sys.executable, "-m", "lmjax.cli", "train"]
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
@@ -139,6 +139,11 @@ def test_checkpoint_with_other_loader_count_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="written with 2 data loaders but data.loaders is 4"):
         ckpt.restore(abstract, _synthetic_loaders(4, micro=1))
     assert int(ckpt.restore(abstract, _synthetic_loaders(2))["step"]) == 5
+    ckpt.save({**state, "step": jnp.int32(6)})  # like a checkpoint of an older lmjax: no loader positions
+    ckpt.wait()
+    with pytest.raises(CheckpointError, match="step 6 .* holds no data loader positions.*init_from"):
+        ckpt.restore(abstract, _synthetic_loaders(2))
+    assert ckpt.restore_params(abstract["params"], step=6)["w"].shape == (3,)
     ckpt.close()
 
 

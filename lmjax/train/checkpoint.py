@@ -53,6 +53,11 @@ class Checkpointer:
             "train": ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
         }
         if loaders is not None:
+            if not (self.directory / str(step) / "loaders").is_dir():
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} holds no data loader positions (written by an "
+                    f"older lmjax), so training cannot resume from it exactly; start a new run with "
+                    f"--config.init_from={self.directory.parent} to continue from its parameters")
             items["loaders"] = ocp.args.JsonRestore()
         restored = self._restore(step, items)
         if loaders is not None:
