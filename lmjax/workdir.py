@@ -85,3 +85,24 @@ def restore_model(wd: Workdir, step: int | None = None):
     finally:
         ckpt.close()
     return cfg, graphdef, params, tokenizer
+
+
+SHAPE_KEYS = ("family", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_model", "d_ff",
+              "tie_embeddings", "param_dtype")
+
+
+def init_params_from(cfg: ConfigDict, abstract_params):
+    """Parameters of the latest checkpoint of the run `cfg.init_from`, after checking its model shapes."""
+    source = Workdir(cfg.init_from)
+    source_model = source.load_config().model
+    diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
+    if cfg.model.family == "gpt2" and source_model.seq_len < cfg.model.seq_len:
+        diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)
+    if diff:
+        raise ConfigError(f"init_from {source.path} has a different model: "
+                          + ", ".join(f"{k} {a} (there) != {b} (here)" for k, (a, b) in diff.items()))
+    ckpt = Checkpointer(source.checkpoint_dir)
+    try:
+        return ckpt.restore_params(abstract_params)
+    finally:
+        ckpt.close()

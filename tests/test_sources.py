@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from lmjax.data import sources
-from lmjax.data.sources import SKIP_REASONS, Document, iter_records, read_documents
+from lmjax.data import readers, sources
+from lmjax.data.readers import SKIP_REASONS, Document
+from lmjax.data.sources import iter_records, read_documents
 
 
 def records(spec: str) -> tuple[list[Document], Counter]:
@@ -90,22 +91,22 @@ def test_jsonl_field_missing_from_whole_file_is_an_error(tmp_path):
 
 def test_gigantic_lines_are_skipped_in_bounded_memory(tmp_path):
     path = tmp_path / "giant.jsonl"
-    giant = 30 * sources.MAX_LINE_CHARS
+    giant = 30 * readers.MAX_LINE_CHARS
     with open(path, "w") as f:
         f.write('{"text": "before"}\n{"text": "' + "x" * giant + '"}\n')
-        f.write('{"text": "' + "y" * (sources.MAX_LINE_CHARS + 10) + '"}\n{"text": "after"}\n')
+        f.write('{"text": "' + "y" * (readers.MAX_LINE_CHARS + 10) + '"}\n{"text": "after"}\n')
     tracemalloc.start()
     docs, stats = records(f"jsonl:{path}")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert [(d.text, d.ident) for d in docs] == [("before", f"{path}:1"), ("after", f"{path}:4")]
     assert stats == Counter(line_too_long=2)
-    assert peak < 10 * sources.MAX_LINE_CHARS, f"peak {peak / 1e6:.0f} MB: the giant line must not be held whole"
+    assert peak < 10 * readers.MAX_LINE_CHARS, f"peak {peak / 1e6:.0f} MB: the giant line must not be held whole"
 
 
 def test_big_text_file_is_split_at_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_DOC_BYTES", 100)
-    monkeypatch.setattr(sources, "MAX_LINE_CHARS", 60)
+    monkeypatch.setattr(readers, "MAX_DOC_BYTES", 100)
+    monkeypatch.setattr(readers, "MAX_LINE_CHARS", 60)
     lines = [f"line {i} " + "w" * (i % 7) * 5 + "\n" for i in range(40)]
     lines[10] = "z" * 70 + "\n"
     path = tmp_path / "big.txt"

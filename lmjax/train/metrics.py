@@ -92,3 +92,9 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def log(message: str) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)

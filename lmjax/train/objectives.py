@@ -1,0 +1,146 @@
+"""What `train` optimises (`train.objective`): its data, jitted step and evaluation.
+
+`lm_objective` is next-token prediction on documents or conversations; `dpo_objective` is DPO on
+preference pairs against the frozen `init_from` run. Each returns an `Objective` that the training loop
+(lmjax/train/loop.py) drives without knowing which one it is.
+"""
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from ml_collections import ConfigDict
+
+from lmjax.data.chat import read_chat
+from lmjax.data.loaders import Loaders
+from lmjax.data.pipeline import eval_batches, tokenize_conversations, tokenize_documents, train_iterator
+from lmjax.data.sources import read_documents
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.eval.baselines import unigram_bpb
+from lmjax.train.dpo import (
+    dpo_eval_step,
+    dpo_step,
+    eval_pair_batches,
+    evaluate_pairs,
+    pair_batches,
+    read_pairs,
+    split_heldout,
+)
+from lmjax.train.metrics import log
+from lmjax.train.step import eval_step, train_step
+from lmjax.workdir import init_params_from
+
+
+def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
+    """Training chunks of a source: documents, or conversations (`chat:...`) with assistant-only loss."""
+    if spec.startswith("chat:"):
+        return tokenize_conversations(read_chat(spec[len("chat:"):]), tokenizer, seq_len)
+    return tokenize_documents(read_documents(spec), tokenizer, seq_len)
+
+
+class BatchShardings(NamedTuple):
+    """Layouts of train batches ([grad_accum, batch, length]), eval batches ([batch, length]) and scalars."""
+    train: NamedSharding
+    eval: NamedSharding
+    replicated: NamedSharding
+
+
+class Objective(NamedTuple):
+    """What `train` optimises: its data, jitted step and evaluation (`train.objective`)."""
+    data_iter: Loaders  # this process's rows of each global train batch, checkpointable
+    step_fn: Callable  # (state, global batch) -> (state, metrics with loss and grad_norm)
+    evaluate: Callable  # params -> validation metrics
+    describe: Callable  # validation metrics -> one log line
+    rows_per_example: int  # sequences per batch example, for tokens/s
+    result: dict  # extra entries of train()'s result
+
+
+def lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
+                 shardings: BatchShardings) -> Objective:
+    """Next-token prediction on documents or conversations; validation loss, perplexity and bits per byte."""
+    t_cfg, seq_len = cfg.train, cfg.model.seq_len
+    n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
+    start = time.time()
+    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len)
+    val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
+    n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
+    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
+        f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
+    baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
+    log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
+    data_iter = make_loaders(cfg, lambda k, count, rows: train_iterator(train_chunks, seq_len, rows, t_cfg.seed,
+                                                                        k, count))
+    val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
+    token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
+                      in_shardings=(state_sharding, shardings.train),
+                      out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                      in_shardings=(state_sharding["params"], shardings.eval, shardings.replicated))
+
+    def evaluate(params) -> dict:
+        sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+        for batch in val_data:
+            out = eval_fn(params, global_batch(batch, shardings.eval), token_bytes)
+            sums = {k: sums[k] + out[k] for k in sums}
+        sums = jax.device_get(sums)
+        loss = float(sums["loss_sum"] / max(sums["tokens"], 1))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+                "val_bpb": float(sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1))}
+
+    def describe(v: dict) -> str:
+        return (f"val loss {v['val_loss']:.4f} | ppl {v['val_ppl']:.2f} | bpb {v['val_bpb']:.3f} "
+                f"(unigram {baseline_bpb:.3f})")
+
+    return Objective(data_iter, step_fn, evaluate, describe, 1, {"unigram_bpb": baseline_bpb})
+
+
+def dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
+                  shardings: BatchShardings) -> Objective:
+    """DPO (lmjax/train/dpo.py) on the preference pairs of data.train against the frozen `init_from`
+    parameters; held out: the pairs of data.val, or every 10th pair of data.train if data.val is ""."""
+    t_cfg, seq_len = cfg.train, cfg.model.seq_len
+    n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
+    pairs = read_pairs(cfg.data.train)
+    train_pairs, val_pairs = (pairs, read_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
+    log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs")
+    data_iter = make_loaders(cfg, lambda k, count, rows: pair_batches(train_pairs, tokenizer, seq_len, rows,
+                                                                      t_cfg.seed, k, count))
+    val_data = [global_batch(b, shardings.eval) for b in eval_pair_batches(
+        val_pairs, tokenizer, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
+    params_sharding = state_sharding["params"]
+    ref_params = init_params_from(cfg, with_sharding(abstract_params, params_sharding))
+    step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta),
+                   in_shardings=(state_sharding, params_sharding, shardings.train),
+                   out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(dpo_eval_step, graphdef=graphdef, beta=t_cfg.dpo_beta),
+                      in_shardings=(params_sharding, params_sharding, shardings.eval))
+
+    def describe(v: dict) -> str:
+        return (f"val DPO loss {v['val_loss']:.4f} | preference accuracy {v['val_accuracy']:.3f} | "
+                f"log-ratio margin {v['val_margin']:.3f}")
+
+    return Objective(data_iter, lambda state, batch: step(state, ref_params, batch),
+                     lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {})
+
+
+def make_loaders(cfg: ConfigDict, make) -> Loaders:
+    """This process's share of the `data.loaders` train loaders built by `make(index, count, rows)`."""
+    return Loaders(make, cfg.data.loaders, cfg.train.batch_size, cfg.train.grad_accum, jax.process_index(),
+                   jax.process_count())
+
+
+def with_sharding(abstract, shardings):
+    """`abstract` shapes with `shardings` attached (what Orbax restores into)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Global arrays from this process's slice of the batch."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
