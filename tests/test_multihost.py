@@ -225,3 +225,18 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert f"SIGTERM: checkpoint saved at step {steps[0]}" in outputs[0]
     _train(workdir, [f"train.steps={steps[0] + 2}"], processes=2, fresh=False)
     assert len(_losses(workdir)) == steps[0] + 2
+
+
+def test_two_process_dpo_matches_one_process(trained_run, tmp_path):
+    """DPO (pairs per loader, a frozen reference restored onto the sharded mesh) on 2 processes gives the
+    losses of 1 process with the same 2 loaders."""
+    pairs = [{"prompt": [{"role": "user", "content": f"What is item {i}?"}],
+              "chosen": f"Item {i} is {'very ' * (i % 7)}good.", "rejected": "No." * (1 + i % 3)} for i in range(40)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    dpo = MESH + ["train.objective=dpo", "train.steps=4", "train.lr=1e-3", f"init_from={trained_run[0]}",
+                  f"data.train=jsonl:{data}", "data.val="]
+    _train(tmp_path / "single", dpo + ["data.loaders=2"])
+    _train(tmp_path / "multi", dpo, processes=2)
+    assert _losses(tmp_path / "multi") == pytest.approx(_losses(tmp_path / "single"), abs=1e-4)
+    assert len(_losses(tmp_path / "single")) == 4
