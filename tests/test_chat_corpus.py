@@ -9,7 +9,6 @@ import pytest
 from lmjax.data.chat import check_conversation, read_conversations
 from lmjax.data.chat_corpus import (
     MAX_CONVERSATION_CHARS,
-    REFUSALS,
     build_chat_dataset,
     first_sentence,
     identity_conversations,
@@ -20,6 +19,7 @@ from lmjax.data.chat_corpus import (
     qa_pairs,
     refusal_conversations,
 )
+from lmjax.data.chat_phrasings import REFUSALS
 
 MODULES = ["json", "textwrap", "fractions", "heapq", "bisect"]
 
