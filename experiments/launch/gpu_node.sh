@@ -28,8 +28,8 @@
 #   fits 80 GB per device: yes (39.6 GB needed)
 #   largest train.batch_size that fits (grad_accum=4, remat=full): 512 sequences (16 per batch shard)
 #
-# Needs: `make quickstart` once (the venv), then `.venv/bin/pip install 'jax[cuda12]'`, and Parquet
-# shards of a text dataset in /data/web/ and chat conversations as JSONL in /data/chat/ (see the configs).
+# Needs: `make quickstart` once (the venv), then `.venv/bin/pip install -c requirements.lock 'jax[cuda12]'`,
+# Parquet shards of a text dataset in /data/web/ and chat conversations as JSONL in /data/chat/ (see configs).
 set -euo pipefail
 LMJAX=.venv/bin/lmjax
 MESH="--config.mesh.data=1 --config.mesh.fsdp=8"

@@ -43,7 +43,7 @@ on_all() { gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --c
 
 # 1. Install on every host: the repo, a venv with JAX for TPU, and the bucket mounted with gcsfuse.
 on_all "git clone $REPO lmjax && cd lmjax && python3.11 -m venv .venv && \
-  .venv/bin/pip install -q -c requirements.lock -e . && .venv/bin/pip install -q 'jax[tpu]' && \
+  .venv/bin/pip install -q -c requirements.lock -e . && .venv/bin/pip install -q -c requirements.lock 'jax[tpu]' && \
   sudo mkdir -p $MNT && sudo chown \$USER $MNT && gcsfuse --implicit-dirs $BUCKET $MNT"
 
 # 2. Prepare the corpus once (one host is enough; the shards land in the bucket).
