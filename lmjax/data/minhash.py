@@ -145,11 +145,6 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle: int =
     return out
 
 
-def similarity_estimate(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
-    """Jaccard similarity estimated from MinHash signatures: the fraction of equal entries."""
-    return (np.asarray(a) == np.asarray(b)).mean(-1)
-
-
 def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """[n, bands] uint64 bucket keys: a hash of each band's rows, salted by the band index."""
     values = signatures[:, : bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
