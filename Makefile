@@ -5,6 +5,10 @@
 # parity tests and peer benchmarks use is available here only for 3.11 (override: make PYTHON=python3.12).
 PYTHON ?= python3.11
 VENV := .venv
+# Transparent huge pages for glibc malloc: XLA allocates its buffers afresh every step, and without this
+# each step page-faults its way through ~1 GB; 1.25x on the tiny train step here (docs/benchmarks.md).
+# Read at process start, so it is set for every command make runs; older glibc ignores it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 PIP := $(VENV)/bin/pip install -q --disable-pip-version-check -c requirements.lock
 
 .PHONY: quickstart test browser clean
