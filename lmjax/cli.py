@@ -46,7 +46,6 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
-    from lmjax.parallel.distributed import initialize
     from lmjax.train.loop import train
     from lmjax.workdir import Workdir
 
@@ -57,7 +56,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         cfg = apply_overrides(wd.load_config(), overrides)
     else:
         raise ConfigError(f"--config is required: {wd.path} holds no config.json to resume from")
-    initialize(cfg)
     result = train(cfg, wd.path)
     if jax.process_index() == 0:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

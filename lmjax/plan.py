@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, head_dim, kv_heads, validate
 from lmjax.model.params import abstract_model, count_params, flops_per_token
-from lmjax.parallel.mesh import check_model_fits_mesh, mesh_shape
+from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_specs
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_state
@@ -30,11 +30,6 @@ def _bytes_per_device(tree, specs, sizes: dict[str, int]) -> int:
     """Bytes one device holds of `tree` laid out by `specs`."""
     shard_bytes = lambda leaf, spec: _shard_elements(leaf.shape, spec, sizes) * leaf.dtype.itemsize
     return sum(jax.tree.leaves(jax.tree.map(shard_bytes, tree, specs)))
-
-
-def batch_shards(cfg: ConfigDict, sizes: dict[str, int]) -> int:
-    """Devices a micro-batch is split over: the product of the mesh axes of the `batch` rule."""
-    return math.prod(sizes[a] for a in filter(None, cfg.mesh.rules["batch"].split(",")))
 
 
 def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, remat: str,
@@ -135,7 +130,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     block, block_specs = state["params"]["blocks"][0], specs["params"]["blocks"][0]
     weights = {"block_weight_bytes": int(_bytes_per_device(block, block_specs, sizes) * to_compute),
                "gathered_weight_bytes": int(_bytes_per_device(block, block_specs, {**sizes, "fsdp": 1}) * to_compute)}
-    shards, micro = batch_shards(cfg, sizes), t.batch_size // t.grad_accum
+    shards, micro = batch_shards(rules, sizes), t.batch_size // t.grad_accum
     activations = {r: activation_bytes(cfg, sizes, micro, r, **weights) for r in REMAT_POLICIES}
 
     n = count_params(params)

@@ -40,9 +40,9 @@ def test_pair_rows_mask_only_the_reply_and_batches_are_deterministic(trained_run
     assert tokenizer.decode(row["chosen_targets"][row["chosen_loss_mask"] == 1]) == pairs[3]["chosen"]
     assert tokenizer.decode(row["rejected_targets"][row["rejected_loss_mask"] == 1]) == "No. Go away."
     assert row["chosen_inputs"][0] == tokenizer.bos_id and not row["chosen_segment_ids"][-1]
-    first = [next(pair_batches(pairs, tokenizer, 64, 4, seed=1))["chosen_inputs"] for _ in range(2)]
+    first = [next(pair_batches(rows, 4, seed=1))["chosen_inputs"] for _ in range(2)]
     np.testing.assert_array_equal(*first)
-    it = pair_batches(pairs, tokenizer, 64, 5, seed=1)
+    it = pair_batches(rows, 5, seed=1)
     epochs = [np.concatenate([next(it)["chosen_targets"] for _ in range(2)]) for _ in range(2)]
     assert sorted(map(bytes, epochs[0])) == sorted(map(bytes, epochs[1]))  # each epoch sees every pair once
 

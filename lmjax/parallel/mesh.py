@@ -37,6 +37,11 @@ def make_mesh(mesh_cfg: ConfigDict, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def batch_shards(rules: dict[str, str], sizes: dict[str, int]) -> int:
+    """Devices a batch is split over: the product of the sizes of the mesh axes of the `batch` rule."""
+    return math.prod(sizes[a] for a in filter(None, rules["batch"].split(",")))
+
+
 def check_model_fits_mesh(model_cfg: ConfigDict, sizes: dict[str, int]) -> None:
     """Raises ConfigError, before anything is compiled, when the `tensor` mesh axis does not divide the
     query heads, the key/value heads or d_ff, which tensor parallelism splits across its devices."""

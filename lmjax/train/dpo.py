@@ -72,13 +72,14 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int) -> list[
     return rows
 
 
-def pair_batches(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Endless iterator of [batch_size, seq_len] pair batches for this process, reshuffled every epoch
-    from `seed`; deterministic, with get_state()/set_state() for checkpoints."""
-    rows = encode_pairs(pairs, tokenizer, seq_len)[process_index::process_count]
+def pair_batches(rows: list[dict[str, np.ndarray]], batch_size: int, seed: int, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.DatasetIterator:
+    """Endless iterator of [batch_size, seq_len] batches of shard `shard_index` of the encoded pairs `rows`
+    (`encode_pairs`), reshuffled every epoch from `seed`; deterministic, with get_state()/set_state() for
+    checkpoints."""
+    rows = rows[shard_index::shard_count]
     if len(rows) < batch_size:
-        raise ValueError(f"{len(rows)} preference pairs fit seq_len {seq_len} on process {process_index}, "
+        raise ValueError(f"{len(rows)} preference pairs that fit seq_len in data shard {shard_index}, "
                          f"fewer than the batch of {batch_size}")
     ds = grain.MapDataset.source(rows).seed(seed).shuffle().repeat(None)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).batch(batch_size, drop_remainder=True))

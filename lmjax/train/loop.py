@@ -3,7 +3,6 @@ signals). `train(cfg, workdir)` starts a run, or resumes it exactly if the workd
 
 import functools
 import json
-import math
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 from lmjax.infer.sampler import Sampler
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
-from lmjax.parallel.mesh import check_model_fits_mesh, make_mesh, mesh_shape
+from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses, read_metrics
@@ -122,7 +121,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     mesh = make_mesh(cfg.mesh)
     rules = dict(cfg.mesh.rules)
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
-    batch_ways = math.prod(mesh.shape[a] for a in filter(None, rules["batch"].split(",")))
+    batch_ways = batch_shards(rules, dict(mesh.shape))
     if micro % batch_ways or micro % n_proc:
         raise ConfigError(f"micro-batch {micro} (train.batch_size / grad_accum) must be divisible by the "
                           f"{batch_ways} batch shards of the mesh and by {n_proc} processes")

@@ -26,6 +26,7 @@ from lmjax.eval.baselines import unigram_bpb
 from lmjax.train.dpo import (
     dpo_eval_step,
     dpo_step,
+    encode_pairs,
     eval_pair_batches,
     evaluate_pairs,
     pair_batches,
@@ -110,8 +111,8 @@ def dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_
     pairs = read_pairs(cfg.data.train)
     train_pairs, val_pairs = (pairs, read_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
     log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs")
-    data_iter = make_loaders(cfg, lambda k, count, rows: pair_batches(train_pairs, tokenizer, seq_len, rows,
-                                                                      t_cfg.seed, k, count))
+    train_rows = encode_pairs(train_pairs, tokenizer, seq_len)
+    data_iter = make_loaders(cfg, lambda k, count, rows: pair_batches(train_rows, rows, t_cfg.seed, k, count))
     val_data = [global_batch(b, shardings.eval) for b in eval_pair_batches(
         val_pairs, tokenizer, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
