@@ -37,4 +37,4 @@ test: $(VENV)/.dev browser
 	$(VENV)/bin/python -m pytest
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .pytest-cache-lmjax

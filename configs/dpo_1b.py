@@ -2,10 +2,10 @@
 
     lmjax feedback export --workdir runs/sft_1b --out prefs.jsonl
     lmjax train --config configs/dpo_1b.py --config.init_from=runs/sft_1b \\
-        --config.data.train=jsonl:prefs.jsonl --workdir runs/dpo_1b
+        --config.data.train=pairs:prefs.jsonl --workdir runs/dpo_1b
 
 An accelerator config: not trained here. The frozen reference is the init_from run; expect the held-out
-preference accuracy to rise above 0.5 (it starts at 0 with policy == reference).
+preference accuracy to rise above 0.5 (it starts at 0.5: every pair ties while policy == reference).
 """
 
 from pathlib import Path
@@ -17,7 +17,7 @@ def get_config():
     c = load_config(Path(__file__).with_name("sft_1b.py"))
     c.train.objective = "dpo"
     c.train.dpo_beta = 0.1
-    c.data.train = ""  # required: --config.data.train=jsonl:prefs.jsonl
+    c.data.train = ""  # required: --config.data.train=pairs:prefs.jsonl
     c.data.val = ""
     c.train.steps = 500
     c.train.batch_size = 64

@@ -3,13 +3,14 @@
     lmjax train --config configs/sft_tiny.py --config.init_from=runs/pretrain --workdir runs/sft
     lmjax demo --workdir runs/sft        (like and dislike replies, edit disliked ones)
     lmjax feedback export --workdir runs/sft --out prefs.jsonl
-    lmjax train --config configs/dpo_tiny.py --config.init_from=runs/sft --config.data.train=jsonl:prefs.jsonl \\
+    lmjax train --config configs/dpo_tiny.py --config.init_from=runs/sft --config.data.train=pairs:prefs.jsonl \\
         --workdir runs/dpo
 
-`data.train` is JSONL of {"prompt": messages, "chosen": text, "rejected": text}; every 10th pair is held
-out (or set data.val=jsonl:OTHER). The policy starts from init_from, which stays frozen as the reference.
-Expect the held-out preference accuracy to rise above 0.5 and the log-ratio margin above 0 (both start
-at chance / 0 since policy == reference); on the checkpoints, resume works as for any run.
+`data.train` is JSONL of {"prompt": messages, "chosen": text, "rejected": text}; the pairs of 10% of the
+prompts (by a hash of the prompt, so no prompt is on both sides) are held out, or set data.val=pairs:OTHER.
+The policy starts from init_from's checkpoint (its step is recorded in config.json), which stays frozen as
+the reference. The held-out preference accuracy starts at 0.5 (every pair a tie: policy == reference) and
+the log-ratio margin at 0; expect both to rise; on the checkpoints, resume works as for any run.
 """
 
 from pathlib import Path
@@ -22,7 +23,7 @@ def get_config():
     c.init_from = ""  # required: the chat-tuned run, e.g. --config.init_from=runs/sft
     c.train.objective = "dpo"
     c.train.dpo_beta = 0.1
-    c.data.train = ""  # required: --config.data.train=jsonl:prefs.jsonl
+    c.data.train = ""  # required: --config.data.train=pairs:prefs.jsonl
     c.data.val = ""
     c.train.steps = 100
     c.train.batch_size = 8

@@ -28,14 +28,16 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 from lmjax.config import apply_overrides, load_config
-from lmjax.data.chat import read_chat
-from lmjax.data.chat_corpus import qa_pairs
-from lmjax.eval.chat_qa import evaluate_workdir
+from lmjax.eval.chat_qa import evaluate_workdir, qa_pairs
+from lmjax.input.pairs import SIDES, encode_pairs
+from lmjax.input.specs import read_chat
+from lmjax.run.restore import restore_model
+from lmjax.run.workdir import open_workdir
 from lmjax.serve.engine import ChatEngine
 from lmjax.serve.feedback import FeedbackStore, export_preferences
-from lmjax.train.dpo import SIDES, encode_pairs, sequence_logprobs
+from lmjax.text.io import read_jsonl, write_jsonl
+from lmjax.train.dpo import sequence_logprobs
 from lmjax.train.loop import train
-from lmjax.workdir import open_workdir, restore_model
 
 BATCH = 16  # questions answered per sampling call (each twice)
 MIN_GAP = 0.05  # ROUGE-L difference below which the scripted user rates neither reply
@@ -66,8 +68,8 @@ def collect_feedback(engine: ChatEngine, questions: list[tuple[list[dict], str]]
 
 def likelihood_accuracy(workdir: Path, pairs: list[dict]) -> float:
     """Share of pairs whose liked reply gets the higher log-probability under the run's latest parameters."""
-    cfg, graphdef, params, tokenizer = restore_model(open_workdir(workdir))
-    rows = encode_pairs(pairs, tokenizer, cfg.model.seq_len)
+    cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(workdir))
+    rows, _ = encode_pairs(pairs, tokenizer, cfg.model.seq_len)
     logprobs = jax.jit(lambda p, batch: sequence_logprobs(p, graphdef, batch))
     correct = []
     for start in range(0, len(rows), BATCH):
@@ -105,18 +107,16 @@ def main() -> None:
         n = collect_feedback(engine, questions[:limit], store, f"scripted-{split}", args.seed)
         store.close()
         pairs = export_preferences(store.path)
-        tmp = files[split].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-        tmp.rename(files[split])
+        write_jsonl(pairs, files[split])
         print(f"[{time.time() - start:4.0f}s] {split}: {min(limit, len(questions))} questions, {n} rated pairs "
               f"-> {files[split]}", flush=True)
 
     cfg = apply_overrides(load_config("configs/dpo_tiny.py"), [
-        f"init_from={args.sft}", f"data.train=jsonl:{files['train']}", f"data.val=jsonl:{files['heldout']}",
+        f"init_from={args.sft}", f"data.train=pairs:{files['train']}", f"data.val=pairs:{files['heldout']}",
         *args.config])
     run = out / args.run
     result = train(cfg, run)
-    heldout = [json.loads(line) for line in files["heldout"].read_text().splitlines()]
+    heldout = [pair for _, pair in read_jsonl(files["heldout"])]
     report = {
         "heldout_pairs": len(heldout),
         "sft_likelihood_accuracy": likelihood_accuracy(Path(args.sft), heldout),

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from lmjax.config import apply_overrides, load_config
-from lmjax.data.prepare import prepare
-from lmjax.data.shards import is_prepared
+from lmjax.corpus.prepare import prepare
+from lmjax.corpus.shards import is_prepared
 from lmjax.eval.chat_qa import evaluate_workdir
 from lmjax.train.loop import train
 

@@ -9,15 +9,17 @@
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
     lmjax tokenizer train --source stdlib --vocab-size 4096 --out tok/ ; lmjax tokenizer stats --tokenizer tok/
 
-Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in configs, workdirs and
-checkpoints are printed as one line and exit with status 2.
+Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in the user's input (configs,
+data, workdirs, checkpoints: any `LmjaxError`) are printed as one line and exit with status 2; any other
+exception is a bug and keeps its traceback. LMJAX_DEBUG=1 shows the traceback of every error.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from lmjax.config import ConfigError, apply_overrides, load_config
+from lmjax.config import ConfigError, LmjaxError, apply_overrides, load_config
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -46,8 +48,8 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
+    from lmjax.run.workdir import Workdir
     from lmjax.train.loop import train
-    from lmjax.workdir import Workdir
 
     wd = Workdir(args.workdir)
     if args.config:
@@ -63,11 +65,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.infer.sampler import Sampler
-    from lmjax.workdir import open_workdir, restore_model
+    from lmjax.run.restore import restore_model
+    from lmjax.run.workdir import open_workdir
 
     if overrides:
         raise ConfigError("sample takes no --config overrides (the run's config is used)")
-    cfg, graphdef, params, tokenizer = restore_model(open_workdir(args.workdir), args.step)
+    cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(args.workdir), args.step)
     sampler = Sampler(cfg.model, graphdef, params, tokenizer)
     prompts = [args.prompt] * args.num_samples
     texts = sampler.generate(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -79,9 +82,9 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmjax.data.clean import Blocklist
     from lmjax.serve.engine import ChatEngine
     from lmjax.serve.safety import ContentFilter
+    from lmjax.text.blocklist import Blocklist
 
     if overrides:
         raise ConfigError("chat takes no --config overrides (the run's config is used)")
@@ -136,14 +139,14 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
-    from lmjax.plan import format_plan, plan
+    from lmjax.train.plan import format_plan, plan
 
     cfg = _config(args, overrides)
     print(format_plan(plan(cfg, args.devices or jax.device_count(), args.device_memory_gb)))
 
 
 def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmjax.data.prepare import prepare, prepare_config
+    from lmjax.corpus.prepare import prepare, prepare_config
 
     cfg = apply_overrides(load_config(args.config) if args.config else prepare_config(), overrides)
     card = prepare(cfg, args.out)
@@ -152,16 +155,16 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmjax.data.sources import read_documents
-    from lmjax.data.tokenizer import train_tokenizer
+    from lmjax.corpus.sources import read_documents
+    from lmjax.text.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(read_documents(args.source), args.vocab_size, args.out, kind=args.kind)
     print(f"trained a {args.kind} tokenizer with {tokenizer.vocab_size} tokens into {args.out}/tokenizer.model")
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmjax.data.sources import read_documents
-    from lmjax.data.tokenizer import Tokenizer, tokenizer_stats
+    from lmjax.corpus.sources import read_documents
+    from lmjax.text.tokenizer import Tokenizer, tokenizer_stats
 
     stats = tokenizer_stats(Tokenizer.load(args.tokenizer), read_documents(args.source))
     print(f"{stats['documents']:,} documents, {stats['bytes']:,} bytes, {stats['tokens']:,} tokens: "
@@ -169,9 +172,9 @@ def cmd_tokenizer_stats(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmjax.data.chat_corpus import main_chat_data
+    from lmjax.corpus.stdlib_chat import write_chat_dataset
 
-    main_chat_data(args.out, args.package or None)
+    write_chat_dataset(args.out, args.package or None)
 
 
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -188,11 +191,12 @@ def cmd_feedback_export(args: argparse.Namespace, overrides: list[str]) -> None:
     import json
     from pathlib import Path
 
+    from lmjax.run.workdir import WorkdirError
     from lmjax.serve.feedback import FILENAME, export_preferences
 
     db = Path(args.workdir) / FILENAME
     if not db.is_file():
-        raise ValueError(f"{args.workdir} has no feedback database ({FILENAME})")
+        raise WorkdirError(f"{args.workdir} has no feedback database ({FILENAME})")
     pairs = export_preferences(db)
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
@@ -287,15 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lmjax.train.checkpoint import CheckpointError
-    from lmjax.workdir import WorkdirError
-
+    """Runs one subcommand; returns the exit status (2 for an `LmjaxError`, printed as one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = _split_overrides(argv)
         args = build_parser().parse_args(rest)
         args.func(args, overrides)
-    except (ConfigError, WorkdirError, CheckpointError, ValueError) as e:
+    except LmjaxError as e:
+        if os.environ.get("LMJAX_DEBUG", "") not in ("", "0"):
+            raise
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,18 +19,29 @@ MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
 
 
-class ConfigError(ValueError):
+class LmjaxError(Exception):
+    """A problem with the user's input (config, data, run directory, checkpoint, request) that lmjax explains
+    in one line. The CLI prints these without a traceback; every other exception keeps its traceback."""
+
+
+class ConfigError(LmjaxError, ValueError):
     """A config file, override or value that cannot be used."""
+
+
+class DataError(LmjaxError, ValueError):
+    """Input data (a source spec, a file, a tokenizer, a JSONL line) that cannot be used."""
 
 
 def base_config() -> ConfigDict:
     """All knobs with their defaults; config files change some of them."""
     c = ConfigDict()
-    c.init_from = ""  # run directory whose latest parameters and tokenizer start this run (fine-tuning)
+    c.init_from = ""  # run directory whose parameters and tokenizer start this run (fine-tuning; DPO's reference)
+    c.init_from_step = -1  # checkpoint step of init_from to start from; -1 = its latest (recorded at the first start)
 
     c.model = m = ConfigDict()
     m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
     m.vocab_size = 0  # 0 = take it from the tokenizer
+    m.vocab_multiple = 128  # embedding rows / output columns are vocab_size rounded up to this; extra logits masked
     m.num_layers = 4  # transformer blocks
     m.num_heads = 4  # query heads
     m.num_kv_heads = 0  # key/value heads for grouped-query attention; 0 = num_heads
@@ -221,7 +232,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.num_heads % kv == 0, f"model.num_heads ({m.num_heads}) must be a multiple of num_kv_heads ({kv})")
     _check(m.head_dim > 0 or m.d_model % m.num_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless head_dim is set")
-    _check(m.family != "llama" or head_dim(m) % 2 == 0, "llama head_dim must be even for RoPE")
+    _check(m.vocab_multiple > 0, f"model.vocab_multiple must be positive (1 = no padding), got {m.vocab_multiple}")
+    _check(m.family != "llama" or (m.head_dim or m.d_model // m.num_heads) % 2 == 0,
+           "llama head_dim must be even for RoPE")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES} (what each block keeps for the "
            f"backward pass), got {m.remat!r}")
@@ -247,14 +260,21 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     return cfg
 
 
-def head_dim(model_cfg: ConfigDict) -> int:
-    """Per-head width: `head_dim` if set, else d_model // num_heads."""
-    return model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+def config_diff(old: ConfigDict, new: ConfigDict) -> dict[str, tuple]:
+    """{"group.key": (old value, new value)} for every knob whose value differs between two configs."""
+    flat_old, flat_new = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (flat_old.get(k), flat_new.get(k)) for k in sorted(flat_old.keys() | flat_new.keys())
+            if flat_old.get(k) != flat_new.get(k)}
 
 
-def kv_heads(model_cfg: ConfigDict) -> int:
-    """Number of key/value heads (num_heads when not grouped)."""
-    return model_cfg.num_kv_heads or model_cfg.num_heads
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,9 +1,40 @@
-"""Shared fixtures: a tiny config and one trained run reused by the end-to-end tests."""
+"""Shared fixtures: a tiny config, one tokenizer and one trained run reused by the end-to-end tests."""
 
+import os
+import shutil
+from pathlib import Path
+
+import jax
 import pytest
 from ml_collections import ConfigDict
 
 from lmjax.config import apply_overrides, base_config
+
+# Caches kept between test runs in the checkout (git-ignored), never in the user's ~/.cache.
+CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest-cache-lmjax"
+# XLA executables: every train() call compiles its steps afresh (new jitted functions), mostly the same tiny
+# programs, so JAX's persistent cache compiles each once per checkout. For the pytest process; processes that
+# tests start get it from `xla_cache_env()`. JAX's own size bound rescans the directory at every write (a
+# cold run took a third longer), so the cache is cleared instead when it outgrows XLA_CACHE_MAX_BYTES.
+XLA_CACHE = {"jax_compilation_cache_dir": str(CACHE_DIR / "xla"), "jax_persistent_cache_min_compile_time_secs": 0}
+XLA_CACHE_MAX_BYTES = 2**30
+
+
+def pytest_configure(config):
+    """Points lmjax's corpus caches (the stdlib documents take ~17 s to build) and XLA's at `CACHE_DIR`; the
+    processes that tests start inherit the first."""
+    os.environ["LMJAX_CACHE_DIR"] = str(CACHE_DIR)
+    xla_dir = Path(XLA_CACHE["jax_compilation_cache_dir"])
+    if xla_dir.is_dir() and sum(p.stat().st_size for p in xla_dir.iterdir()) > XLA_CACHE_MAX_BYTES:
+        shutil.rmtree(xla_dir)
+    for name, value in XLA_CACHE.items():
+        jax.config.update(name, value)
+
+
+def xla_cache_env() -> dict[str, str]:
+    """This process's environment plus the variables that give a JAX process `XLA_CACHE`."""
+    return {**os.environ, **{name.upper(): str(value) for name, value in XLA_CACHE.items()}}
+
 
 # A model small enough to train tens of steps in seconds on one CPU core; also usable on the command
 # line as `--config.KEY=VALUE` arguments.
@@ -15,10 +46,48 @@ TINY_OVERRIDES = [
     "train.samples=The",
 ]
 
+_session: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmp(tmp_path_factory):
+    """Lets `tiny_overrides` put the shared tokenizer in this session's temporary directory."""
+    _session["tmp"] = tmp_path_factory
+    yield
+    _session.clear()
+
+
+def shared_tokenizer_dir() -> Path | None:
+    """The tokenizer that a run of `TINY_OVERRIDES` would train (on its data.train, 512 tokens), trained on
+    first use and then shared by the whole test session; None outside pytest."""
+    if "tokenizer" not in _session and "tmp" in _session:
+        from lmjax.input import specs
+        from lmjax.text.tokenizer import train_tokenizer
+
+        cfg = apply_overrides(base_config(), TINY_OVERRIDES)
+        out = _session["tmp"].mktemp("tokenizer")
+        train_tokenizer(specs.texts(cfg.data.train), cfg.tokenizer.vocab_size, out, kind=cfg.tokenizer.kind)
+        _session["tokenizer"] = out
+    return _session.get("tokenizer")
+
+
+def tiny_overrides() -> list[str]:
+    """`TINY_OVERRIDES` with `tokenizer.path` set to the shared tokenizer, so that runs skip training one."""
+    shared = shared_tokenizer_dir()
+    return TINY_OVERRIDES + ([f"tokenizer.path={shared}"] if shared else [])
+
 
 def tiny_config(*overrides: str) -> ConfigDict:
-    """`TINY_OVERRIDES` on the defaults, then `overrides`."""
-    return apply_overrides(base_config(), TINY_OVERRIDES + list(overrides))
+    """`tiny_overrides()` on the defaults, then `overrides` (`tokenizer.path=` trains the run's own)."""
+    return apply_overrides(base_config(), tiny_overrides() + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer():
+    """The session's shared tokenizer (see `shared_tokenizer_dir`), loaded."""
+    from lmjax.text.tokenizer import Tokenizer
+
+    return Tokenizer.load(shared_tokenizer_dir())
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ from lmjax.config import apply_overrides, base_config
 from lmjax.model.params import abstract_model
 from lmjax.parallel.mesh import make_mesh
 from lmjax.parallel.rules import tree_shardings
-from lmjax.plan import plan
 from lmjax.train.loop import train
 from lmjax.train.optim import make_optimizer
+from lmjax.train.plan import plan
 from lmjax.train.step import init_state
 
 COMMON = ["train.log_every=1", "train.eval_every=0", "train.eval_steps=1", "train.samples=", "train.keep_ckpts=5"]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lmjax.data.clean import Blocklist
 from lmjax.serve.engine import ChatEngine
 from lmjax.serve.feedback import FeedbackStore
 from lmjax.serve.safety import ContentFilter
+from lmjax.text.blocklist import Blocklist
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 

@@ -7,9 +7,10 @@ import pytest
 from conftest import tiny_config
 
 from lmjax.config import ConfigError
-from lmjax.data.chat import encode_chat, read_conversations, write_conversations
-from lmjax.data.pipeline import tokenize_conversations, train_iterator
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.input.chunks import tokenize_conversations
+from lmjax.input.packing import train_iterator
+from lmjax.text.chat_template import encode_chat, read_conversations, write_conversations
+from lmjax.text.tokenizer import Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer questions about Python."},
@@ -64,16 +65,22 @@ def test_conversation_files_round_trip_and_bad_lines_are_named(tmp_path):
 
 
 def test_sft_starts_from_the_pretrained_run_and_learns_the_replies(trained_run, tmp_path):
+    """Fine-tuned on questions about items 0-63, the model answers those about items 64-79 (never seen) too."""
     from lmjax.train.loop import train
 
-    data = tmp_path / "chat.jsonl"
-    write_conversations([[{"role": "user", "content": f"What is item {i}?"},
-                          {"role": "assistant", "content": f"Item {i} is a number."}] for i in range(64)], data)
+    def conversations(items):
+        return [[{"role": "user", "content": f"What is item {i}?"},
+                 {"role": "assistant", "content": f"Item {i} is a number."}] for i in items]
+
+    data, heldout = tmp_path / "chat.jsonl", tmp_path / "heldout.jsonl"
+    write_conversations(conversations(range(64)), data)
+    write_conversations(conversations(range(64, 80)), heldout)
     overrides = ["train.steps=30", "train.eval_every=0", "train.samples=", "train.lr=1e-2",
-                 f"init_from={trained_run[0]}", f"data.train=chat:{data}", f"data.val=chat:{data}"]
+                 f"init_from={trained_run[0]}", f"data.train=chat:{data}", f"data.val=chat:{heldout}"]
     result = train(tiny_config(*overrides), tmp_path / "sft")
     records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert result["val_loss"] < 0.5 * records[0]["train_loss"], records
+    assert result["val_bpb"] < result["unigram_bpb"], result
     assert (tmp_path / "sft" / "tokenizer" / "tokenizer.model").read_bytes() == \
         (trained_run[0] / "tokenizer" / "tokenizer.model").read_bytes()
     with pytest.raises(ConfigError, match="different model: d_model 64 \\(there\\) != 32 \\(here\\)"):

@@ -6,20 +6,20 @@ import textwrap
 
 import pytest
 
-from lmjax.data.chat import check_conversation, read_conversations
-from lmjax.data.chat_corpus import (
+from lmjax.corpus.chat_phrasings import REFUSALS
+from lmjax.corpus.stdlib_chat import (
     MAX_CONVERSATION_CHARS,
     build_chat_dataset,
     first_sentence,
     identity_conversations,
     is_heldout,
     keyword_conversations,
-    main_chat_data,
     module_conversations,
-    qa_pairs,
     refusal_conversations,
+    write_chat_dataset,
 )
-from lmjax.data.chat_phrasings import REFUSALS
+from lmjax.eval.chat_qa import qa_pairs
+from lmjax.text.chat_template import check_conversation, read_conversations
 
 MODULES = ["json", "textwrap", "fractions", "heapq", "bisect"]
 
@@ -139,7 +139,7 @@ def test_user_package(tmp_path, monkeypatch):
         assert "`mytoypkg.greet`: Return a friendly greeting." in text
         assert "`mytoypkg.greet(name: str) -> str`" in text
         assert "`mytoypkg.sub.maths.Adder.add`: Add x and return the new total." in text
-        counts = main_chat_data(str(tmp_path / "out"), ["mytoypkg"], log=lambda _: None)
+        counts = write_chat_dataset(str(tmp_path / "out"), ["mytoypkg"], log=lambda _: None)
         assert counts["train"] == len(list(read_conversations(tmp_path / "out" / "train.jsonl")))
         assert counts["heldout"] == len(list(read_conversations(tmp_path / "out" / "heldout.jsonl")))
     finally:

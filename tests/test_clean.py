@@ -1,4 +1,4 @@
-"""Tests for lmjax.data.clean: normalisation, quality rules and the blocklist."""
+"""Tests for lmjax.corpus.clean: normalisation, quality rules and the blocklist."""
 
 import itertools
 import unicodedata
@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmjax.data.clean import Blocklist, clean_config, normalize, quality_issue, quality_rules, top_ngram_frac
-from lmjax.data.stdlib_corpus import stdlib_documents
+from lmjax.config import DataError
+from lmjax.corpus.clean import clean_config, normalize, quality_issue, quality_rules, top_ngram_frac
+from lmjax.corpus.stdlib_docs import stdlib_documents
+from lmjax.text.blocklist import Blocklist
 
 GOOD = (
     "The quick brown fox jumps over the lazy dog near the river.\n"
@@ -161,7 +163,7 @@ def test_stdlib_docstrings_mostly_pass():
 
 
 def test_default_blocklist_ships_and_matches():
-    assert resources.files("lmjax.data").joinpath("blocklist.txt").is_file()
+    assert resources.files("lmjax.text").joinpath("blocklist.txt").is_file()
     blocklist = Blocklist.default()
     assert len(blocklist) > 10
     assert blocklist.match("Tell me HOW TO MAKE A   bomb\nplease") == "how to make a bomb"
@@ -189,7 +191,7 @@ def test_blocklist_regex_is_whole_word():
 
 
 def test_blocklist_patterns_that_cannot_be_combined():
-    with pytest.raises(ValueError, match="combined"):
+    with pytest.raises(DataError, match="combined"):
         Blocklist(patterns=("(?P<x>a)", "(?P<x>b)"))
 
 
@@ -208,14 +210,14 @@ def test_custom_blocklist_file(tmp_path):
 
 def test_custom_blocklist_errors(tmp_path):
     missing = tmp_path / "nope.txt"
-    with pytest.raises(ValueError, match="nope.txt"):
+    with pytest.raises(DataError, match="nope.txt"):
         Blocklist.from_file(missing)
     bad = tmp_path / "bad.txt"
     bad.write_text("fine\n# comment\nre:(unclosed\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.txt:3"):
+    with pytest.raises(DataError, match=r"bad.txt:3"):
         Blocklist.from_file(bad)
     bad.write_text("re:x*\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="empty string"):
+    with pytest.raises(DataError, match="empty string"):
         Blocklist.from_file(bad)
 
 
@@ -239,8 +241,8 @@ def test_blocklist_from_config(tmp_path):
     assert Blocklist.from_config(cfg).match("only this") is None
 
     cfg.enabled, cfg.patterns = True, ("[",)
-    with pytest.raises(ValueError, match=r"blocklist.patterns\[0\]"):
+    with pytest.raises(DataError, match=r"blocklist.patterns\[0\]"):
         Blocklist.from_config(cfg)
     cfg.patterns, cfg.path = (), str(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt"):
         Blocklist.from_config(cfg)

@@ -7,10 +7,12 @@ import grain
 import numpy as np
 import pytest
 
-from lmjax.data import stdlib_corpus
-from lmjax.data.pipeline import eval_batches, tokenize_documents, train_iterator
-from lmjax.data.sources import VAL_MIN_CHARS, read_documents, split_train_val
-from lmjax.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmjax.config import DataError
+from lmjax.corpus import stdlib_docs as stdlib_corpus
+from lmjax.corpus.sources import VAL_MIN_CHARS, read_documents, split_train_val
+from lmjax.input.chunks import tokenize_documents
+from lmjax.input.packing import eval_batches, train_iterator
+from lmjax.text.tokenizer import FORMAT, FORMAT_FILE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 KEYS = ("inputs", "targets", "segment_ids", "positions")
 
@@ -163,6 +165,8 @@ ROUND_TRIP_TEXTS = [
     "def f(x):\n    return {'a': [1, 2]}  # comment\n",
     "",
     "\n",
+    "chat markers are plain text here: <|system|><|user|> hi <|assistant|><|end|>",
+    "SentencePiece's space mark \u2581 stays itself:\u2581\u2581 \u2581",
 ]
 
 
@@ -192,7 +196,9 @@ def test_tokenizer_ids_and_specials(tokenizer):
     assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
     assert len(tokenizer.encode("9876543210")) == 10, "digits are split"
     user, end = tokenizer.special_ids["<|user|>"], tokenizer.special_ids["<|end|>"]
-    assert tokenizer.encode("<|user|>") == [user]
+    for marker, marker_id in tokenizer.special_ids.items():
+        assert marker_id not in tokenizer.encode(marker) and tokenizer.decode(tokenizer.encode(marker)) == marker
+        assert tokenizer.decode([marker_id]) == "" and tokenizer.token_bytes()[marker_id] == 0
     assert tokenizer.decode([tokenizer.bos_id, user, *ids, end, tokenizer.eos_id, tokenizer.pad_id]) == "hello"
     assert tokenizer.decode(np.array(ids)) == "hello"
     assert tokenizer.decode([*ids, tokenizer.vocab_size + 5]) == "hello", "padded-vocab ids are ignored"
@@ -200,23 +206,24 @@ def test_tokenizer_ids_and_specials(tokenizer):
 
 def test_tokenizer_save_load(tokenizer, tmp_path):
     tokenizer.save(tmp_path)
+    assert json.loads((tmp_path / FORMAT_FILE).read_text()) == {"format": FORMAT}
     loaded = Tokenizer.load(tmp_path)
     text = "Return the number of items.\n\n  x = 42"
     assert loaded.encode(text) == tokenizer.encode(text) and loaded.vocab_size == tokenizer.vocab_size
     assert Tokenizer.load(tmp_path / "tokenizer.model").encode(text) == tokenizer.encode(text)
-    with pytest.raises(ValueError, match=str(tmp_path / "missing")):
+    with pytest.raises(DataError, match=str(tmp_path / "missing")):
         Tokenizer.load(tmp_path / "missing")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "tokenizer.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match=str(corrupt / "tokenizer.model")):
+    with pytest.raises(DataError, match=str(corrupt / "tokenizer.model")):
         Tokenizer.load(corrupt)
 
 
 @pytest.mark.parametrize("kind", ["unigram", "char"])
 def test_other_tokenizer_kinds(corpus, tmp_path, kind):
     tok = train_tokenizer(corpus[:300], vocab_size=600, out_dir=tmp_path, kind=kind)
-    assert (tmp_path / "tokenizer.model").exists()
+    assert (tmp_path / "tokenizer.model").exists() and (tmp_path / FORMAT_FILE).exists()
     text = "Other kinds round-trip too:\n\t 12 ü 🎉"
     assert tok.decode(tok.encode(text)) == text
     assert int(tok.token_bytes()[tok.encode(text)].sum()) == len(text.encode())
@@ -225,7 +232,7 @@ def test_other_tokenizer_kinds(corpus, tmp_path, kind):
 def test_train_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         train_tokenizer(["text"], 300, tmp_path, kind="wordpiece")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(DataError, match="empty"):
         train_tokenizer([], 300, tmp_path)
 
 
@@ -327,11 +334,11 @@ def test_train_iterator_orbax_checkpoint(tmp_path):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_process_sharding_is_disjoint():
+def test_loader_sharding_is_disjoint():
     chunks = synthetic_chunks(24, 16, seed=6)
     seen = []
     for p in range(2):
-        it = train_iterator(chunks, seq_len=16, batch_size=2, seed=0, process_index=p, process_count=2)
+        it = train_iterator(chunks, seq_len=16, batch_size=2, seed=0, loader_index=p, loader_count=2)
         segs = set()
         for _ in range(20):
             segs |= set(row_segments(next(it)))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lmjax.data.dedup import Decontaminator, ExactDedup, NearDedup, dedup_config, exact_key
-from lmjax.data.minhash import lsh_params, minhash_signatures
+from lmjax.corpus.dedup import Decontaminator, ExactDedup, NearDedup, dedup_config, exact_key
+from lmjax.corpus.minhash import lsh_params, minhash_signatures
 
 
 def corpus(docs: int = 2000, planted: int = 200, max_edit: float = 0.1, seed: int = 0) -> tuple[list[str], np.ndarray]:

@@ -1,4 +1,5 @@
-"""Preference tuning: the DPO loss, pair batches, DPO from a pretrained run, and exporting feedback."""
+"""Preference tuning: the DPO terms, pair rows and the held-out split, DPO from a pretrained run, exporting
+feedback."""
 
 import json
 import math
@@ -10,9 +11,11 @@ from conftest import tiny_config
 
 from lmjax.cli import main
 from lmjax.config import ConfigError
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.input.pairs import encode_pairs, pair_batches, prompt_key, split_heldout
+from lmjax.input.specs import load_pairs
 from lmjax.serve.feedback import FeedbackStore
-from lmjax.train.dpo import dpo_loss, encode_pairs, pair_batches, read_pairs
+from lmjax.text.tokenizer import Tokenizer
+from lmjax.train.dpo import pair_terms
 
 
 def _pairs(items) -> list[dict]:
@@ -20,22 +23,29 @@ def _pairs(items) -> list[dict]:
              "chosen": f"Item {i} is a number, thank you for asking.", "rejected": "No. Go away."} for i in items]
 
 
-def test_dpo_loss_known_values():
-    loss, m = dpo_loss(jnp.array([-1.0, -4.0]), jnp.array([-3.0, -2.0]), jnp.array([-2.0, -2.0]),
-                       jnp.array([-2.0, -2.0]), beta=0.5)
-    margins = np.array([2.0, -2.0])  # (-1 + 2) - (-3 + 2), (-4 + 2) - (-2 + 2)
-    expected = np.mean([math.log1p(math.exp(-0.5 * x)) for x in margins])
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
-    assert float(m["accuracy"]) == 0.5 and float(m["margin"]) == pytest.approx(0.0)
-    loss0, m0 = dpo_loss(*(jnp.zeros(3),) * 4, beta=0.1)
-    assert float(loss0) == pytest.approx(math.log(2)) and float(m0["accuracy"]) == 0.0
+def test_dpo_terms_known_values_and_ties_count_half():
+    loss, correct, margin = pair_terms(jnp.array([-1.0, -4.0, -2.0]), jnp.array([-3.0, -2.0, -2.0]),
+                                       jnp.full(3, -2.0), jnp.full(3, -2.0), beta=0.5)
+    margins = np.array([2.0, -2.0, 0.0])  # (-1 + 2) - (-3 + 2), (-4 + 2) - (-2 + 2), a tie
+    np.testing.assert_allclose(margin, margins)
+    np.testing.assert_allclose(loss, [math.log1p(math.exp(-0.5 * x)) for x in margins], rtol=1e-6)
+    np.testing.assert_array_equal(correct, [1.0, 0.0, 0.5])
+
+
+def test_heldout_split_keeps_every_pair_of_a_prompt_on_one_side():
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i % 40}"}], "chosen": f"c{i}", "rejected": f"r{i}"}
+             for i in range(400)]  # ten pairs per prompt, as feedback export makes them
+    train, heldout = split_heldout(pairs)
+    train_prompts, heldout_prompts = {prompt_key(p) for p in train}, {prompt_key(p) for p in heldout}
+    assert heldout and train and not train_prompts & heldout_prompts
+    assert len(train) + len(heldout) == 400 and len(heldout) % 10 == 0
 
 
 def test_pair_rows_mask_only_the_reply_and_batches_are_deterministic(trained_run):
     tokenizer = Tokenizer.load(trained_run[0] / "tokenizer")
     pairs = _pairs(range(10)) + [{"prompt": [{"role": "user", "content": "x " * 100}], "chosen": "a", "rejected": "b"}]
-    rows = encode_pairs(pairs, tokenizer, seq_len=64)
-    assert len(rows) == 10  # the long one is dropped
+    rows, dropped = encode_pairs(pairs, tokenizer, seq_len=64)
+    assert len(rows) == 10 and dropped == 1  # the long one is dropped, and counted
     row = rows[3]
     assert tokenizer.decode(row["chosen_targets"][row["chosen_loss_mask"] == 1]) == pairs[3]["chosen"]
     assert tokenizer.decode(row["rejected_targets"][row["rejected_loss_mask"] == 1]) == "No. Go away."
@@ -56,7 +66,7 @@ def test_dpo_raises_held_out_margin_and_accuracy(trained_run, tmp_path):
     val.write_text("".join(json.dumps(p) + "\n" for p in _pairs(range(1000, 1016))))
     overrides = ["train.objective=dpo", "train.dpo_beta=0.1", "train.steps=30", "train.lr=3e-3",
                  "train.eval_every=0", "train.samples=", f"init_from={trained_run[0]}",
-                 f"data.train=jsonl:{data}", f"data.val=jsonl:{val}"]
+                 f"data.train=pairs:{data}", f"data.val=pairs:{val}"]
     with pytest.raises(ConfigError, match="needs init_from"):
         train(tiny_config(*overrides, "init_from="), tmp_path / "bad")
     result = train(tiny_config(*overrides, "train.steps=1", "train.lr=1e-9"), tmp_path / "initial")
@@ -80,7 +90,7 @@ def test_feedback_export_round_trip(tmp_path, capsys):
     out = tmp_path / "prefs.jsonl"
     assert main(["feedback", "export", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     assert "wrote 2 preference pairs" in capsys.readouterr().out
-    assert read_pairs(f"jsonl:{out}") == [
+    assert load_pairs(f"pairs:{out}") == [
         {"prompt": prompt, "chosen": "It counts items.", "rejected": "It sorts."},
         {"prompt": prompt, "chosen": "It returns the number of items.", "rejected": "It sorts."}]
     assert main(["feedback", "export", "--workdir", str(tmp_path / "none"), "--out", str(out)]) == 2

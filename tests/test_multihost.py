@@ -16,10 +16,10 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from lmjax.config import ConfigError, base_config
-from lmjax.data.loaders import Loaders, loader_count
-from lmjax.data.pipeline import train_iterator
+from lmjax.input.loaders import Loaders, loader_count
+from lmjax.input.packing import train_iterator
 from lmjax.parallel.distributed import ClusterSpec, cluster_spec, detect_cluster, initialize
-from lmjax.train.checkpoint import Checkpointer, CheckpointError
+from lmjax.run.checkpoint import Checkpointer, CheckpointError
 
 LMJAX = [sys.executable, "-m", "lmjax.cli", "train"]
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
@@ -133,14 +133,14 @@ def test_checkpoint_with_other_loader_count_fails_clearly(tmp_path):
              "rng": jnp.zeros(2, jnp.uint32)}
     ckpt = Checkpointer(tmp_path)
     ckpt.save(state, _synthetic_loaders(2))
-    ckpt.wait()
+    ckpt.manager.wait_until_finished()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
     with pytest.raises(ConfigError, match="written with 2 data loaders but data.loaders is 4"):
         ckpt.restore(abstract, _synthetic_loaders(4, micro=1))
     assert int(ckpt.restore(abstract, _synthetic_loaders(2))["step"]) == 5
     ckpt.save({**state, "step": jnp.int32(6)})  # like a checkpoint of an older lmjax: no loader positions
-    ckpt.wait()
+    ckpt.manager.wait_until_finished()
     with pytest.raises(CheckpointError, match="step 6 .* holds no data loader positions.*init_from"):
         ckpt.restore(abstract, _synthetic_loaders(2))
     assert ckpt.restore_params(abstract["params"], step=6)["w"].shape == (3,)
@@ -235,7 +235,7 @@ def test_two_process_dpo_matches_one_process(trained_run, tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     dpo = MESH + ["train.objective=dpo", "train.steps=4", "train.lr=1e-3", f"init_from={trained_run[0]}",
-                  f"data.train=jsonl:{data}", "data.val="]
+                  f"data.train=pairs:{data}", "data.val="]
     _train(tmp_path / "single", dpo + ["data.loaders=2"])
     _train(tmp_path / "multi", dpo, processes=2)
     assert _losses(tmp_path / "multi") == pytest.approx(_losses(tmp_path / "single"), abs=1e-4)

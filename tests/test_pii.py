@@ -1,4 +1,4 @@
-"""Tests for lmjax.data.pii: each PII kind, its look-alikes that must survive, and idempotence."""
+"""Tests for lmjax.corpus.pii: each PII kind, its look-alikes that must survive, and idempotence."""
 
 from collections import Counter
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmjax.data.pii import PLACEHOLDERS, luhn_valid, scrub_pii
+from lmjax.corpus.pii import PLACEHOLDERS, luhn_valid, scrub_pii
 
 KEPT = [
     "Python 3.11.7 was released in 1999 or 2023.",

@@ -18,13 +18,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from lmjax.config import ConfigError, apply_overrides, load_config, validate
+from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, init_params
 from lmjax.model.transformer import init_cache
-from lmjax.parallel.mesh import check_model_fits_mesh
 from lmjax.parallel.rules import tree_specs
-from lmjax.plan import format_plan, plan
 from lmjax.train.optim import make_optimizer
-from lmjax.train.step import init_state, token_losses, train_step
+from lmjax.train.plan import check_sharding, format_plan, plan
+from lmjax.train.step import init_state, train_step
 
 # (name, overrides, remat policies) of the compiled train steps compared with the estimate: attention-heavy
 # bfloat16 Llama (where remat matters most), a GPT-2 and a float32 Llama.
@@ -200,9 +200,25 @@ def test_a_tensor_axis_that_does_not_divide_the_model_fails_before_compiling(ove
     cfg = tiny_config("model.d_model=256", "mesh.data=1", *overrides)
     tensor = cfg.mesh.tensor
     with pytest.raises(ConfigError, match=f"tensor mesh axis \\({tensor} devices\\) does not divide {message}"):
-        check_model_fits_mesh(cfg.model, {"data": 1, "fsdp": 1, "tensor": cfg.mesh.tensor})
+        check_sharding(cfg, {"data": 1, "fsdp": 1, "tensor": tensor})
     with pytest.raises(ConfigError, match=message):
         plan(cfg, cfg.mesh.tensor)
+
+
+def test_shardings_the_mesh_cannot_apply_are_reported_by_plan():
+    """fsdp=3 does not divide d_model=64: every parameter with an `embed` axis stays replicated along fsdp,
+    and the plan says which (the params' bytes per device then include those whole arrays)."""
+    cfg = tiny_config("mesh.data=1", "mesh.fsdp=3", "train.batch_size=6")
+    p = plan(cfg, 3)
+    [line] = p["dropped_shardings"]
+    assert line.startswith("sharding dropped: the fsdp mesh axis (3 devices) does not divide logical axis 'embed' "
+                           "of size 64; replicated along it: ")
+    for param in ("embed dim 1", "lm_head dim 0", "blocks.*.attn.query dim 0 (x2)", "blocks.*.mlp.down dim 1 (x2)",
+                  "final_norm.scale dim 0"):
+        assert param in line
+    assert line in format_plan(p)
+    assert p["param_bytes_per_device"] == 4 * p["params"]  # nothing is sharded
+    assert check_sharding(tiny_config("mesh.data=1", "mesh.fsdp=4"), {"data": 1, "fsdp": 4, "tensor": 1}) == []
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """`lmjax data prepare` on a messy local corpus: accounting, resume, training from the output, CLI."""
 
 import json
+import math
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import tiny_config
 
+import lmjax.corpus.prepare as prepare_module
 from lmjax.cli import main
-from lmjax.data.prepare import prepare, prepare_config
-from lmjax.data.shards import iter_split, shard_paths
-from lmjax.data.sources import read_documents
+from lmjax.config import load_config
+from lmjax.corpus.prepare import prepare, prepare_config
+from lmjax.corpus.shards import iter_split, shard_paths
+from lmjax.corpus.sources import read_documents
 
 WORDS = ("parser reads each line input file splits fields returns list records errors reported number empty "
          "lines skipped comments start hash sign value object method class module function argument default "
@@ -111,6 +116,70 @@ def test_interrupted_prepare_resumes_to_the_same_result(messy, prepared, tmp_pat
     assert list(iter_split(out, "train")) == list(iter_split(prepared[0], "train"))
 
 
+def test_crash_between_dedup_index_and_progress_resumes_to_the_same_result(messy, prepared, tmp_path,
+                                                                          monkeypatch):
+    """A kill after chunk 2's dedup indexes are saved but before its progress.json: the rerun must redo chunk 2
+    against the indexes of chunk 1, not count its documents as duplicates of themselves."""
+    out, real_write, progress_writes = tmp_path / "crashed", prepare_module.atomic_write, []
+
+    def killed_at_second_commit(path, data):
+        if Path(path).name == "progress.json":
+            progress_writes.append(path)
+            if len(progress_writes) == 2:
+                raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(prepare_module, "atomic_write", killed_at_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(messy[0]), out, log=lambda _: None)
+    assert json.loads((out / "progress.json").read_text())["chunks_done"] == 1
+    assert sorted(p.name for p in (out / "dedup").iterdir()) == \
+        ["exact-00001.npz", "exact-00002.npz", "near-00001.npz", "near-00002.npz"]
+
+    messages = []
+    card = prepare(_cfg(messy[0]), out, log=messages.append)
+    assert any(m.startswith("resuming after chunk 1") for m in messages)
+    reference = prepared[1]
+    assert {k: v for k, v in card.items() if k != "seconds"} == {k: v for k, v in reference.items() if k != "seconds"}
+    assert list(iter_split(out, "train")) == list(iter_split(prepared[0], "train"))
+    chunks = json.loads((out / "progress.json").read_text())["chunks_done"]
+    assert sorted(p.name for p in (out / "dedup").iterdir()) == [f"exact-{chunks:05d}.npz", f"near-{chunks:05d}.npz"]
+
+
+def test_prepare_refuses_progress_that_loses_documents(messy, prepared, tmp_path):
+    out = tmp_path / "tampered"
+    shutil.copytree(prepared[0], out)
+    (out / "card.json").unlink()
+    progress = json.loads((out / "progress.json").read_text())
+    progress["kept"]["train"] += 1
+    (out / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(RuntimeError, match="does not account for every document"):
+        prepare(_cfg(messy[0]), out, log=lambda _: None)
+
+
+def test_small_mixture_component_keeps_its_share(tmp_path):
+    """configs/data/web.py's recipe: prepare (clean, dedup) each component on its own, then mix the prepared
+    directories with /cycle at training time; the small component keeps its weight's share of the documents."""
+    prepared = {}
+    for name, ids in (("large", range(1000, 1400)), ("small", range(2000, 2020))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in ids))
+        prepared[name] = tmp_path / f"prepared-{name}"
+        prepare(_cfg(f"jsonl:{tmp_path}/{name}.jsonl", val_fraction=0.0), prepared[name], log=lambda _: None)
+    large, small = list(iter_split(prepared["large"], "train")), set(iter_split(prepared["small"], "train"))
+    assert len(large) == 400 and len(small) == 20
+
+    docs = list(read_documents(f"mix/cycle:{prepared['large']}@0.9|{prepared['small']}@0.1"))
+    from_small = sum(doc in small for doc in docs)
+    assert sorted(doc for doc in docs if doc not in small) == sorted(large)
+    assert 0.07 < from_small / len(docs) < 0.13 and from_small > 2 * len(small)
+
+    # Mixing before dedup instead (what configs/data/web.py did): exact dedup keeps one copy of the small part.
+    mixed = f"mix/cycle:jsonl:{tmp_path}/large.jsonl@0.9|jsonl:{tmp_path}/small.jsonl@0.1"
+    card = prepare(_cfg(mixed, val_fraction=0.0), tmp_path / "prepared-mixed", log=lambda _: None)
+    assert card["documents_out"]["train"] == len(large) + len(small) < len(docs)
+    assert "mix" not in load_config(Path(__file__).parents[1] / "configs/data/web.py").sources
+
+
 def test_prepare_refuses_a_different_config_on_the_same_out(messy, prepared):
     with pytest.raises(ValueError, match="different config"):
         prepare(_cfg(messy[0], val_fraction=0.5), prepared[0], log=lambda _: None)
@@ -124,9 +193,12 @@ def test_training_reads_a_prepared_directory(tmp_path):
     prepare(cfg, out, log=lambda _: None)
     from lmjax.train.loop import train
 
-    result = train(tiny_config("train.steps=4", "train.eval_every=0", "train.samples=", f"data.train={out}",
-                               f"data.val={out}:val"), tmp_path / "run")
-    assert result["step"] == 4 and result["val_loss"] < 7.0
+    result = train(tiny_config("train.steps=24", "train.eval_every=0", "train.samples=", f"data.train={out}",
+                               f"data.val={out}:val", "tokenizer.path="), tmp_path / "run")
+    assert result["step"] == 24
+    # bits per byte of knowing nothing (uniform over the 512 tokens): val_bpb scaled as ln(512) is to val_loss
+    uniform_bpb = math.log(512) * result["val_bpb"] / result["val_loss"]
+    assert result["val_bpb"] < (uniform_bpb + result["unigram_bpb"]) / 2, result  # half way to the unigram baseline
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.model").read_bytes() == \
         (out / "tokenizer" / "tokenizer.model").read_bytes()
 

@@ -12,11 +12,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import base_config
-from lmjax.data.stdlib_corpus import stdlib_documents
-from lmjax.data.tokenizer import Tokenizer, train_tokenizer
 from lmjax.infer.sampler import Sampler, prefill, sample_logits
 from lmjax.model.params import Params, abstract_model, init_params
 from lmjax.model.transformer import init_cache
+from lmjax.text.tokenizer import Tokenizer
 
 FAMILIES = ("gpt2", "llama")
 SEQ_LEN = 64
@@ -41,10 +40,11 @@ class TinyModel:
         return ids[len(ids) - n :]
 
 
-def build_model(family: str, vocab_size: int) -> TinyModel:
+def build_model(family: str, vocab_size: int, dtype: str = "float32") -> TinyModel:
+    """A random model whose parameters do not depend on `dtype` (the compute dtype; they stay float32)."""
     cfg = base_config().model
     cfg.update(family=family, vocab_size=vocab_size, num_layers=2, num_heads=4,
-               num_kv_heads=2 if family == "llama" else 0, d_model=64, d_ff=128, seq_len=SEQ_LEN, dtype="float32")
+               num_kv_heads=2 if family == "llama" else 0, d_model=64, d_ff=128, seq_len=SEQ_LEN, dtype=dtype)
     graphdef, _, _ = abstract_model(cfg)
     params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: x * SHARPEN if x.ndim >= 2 else x, params)
@@ -58,13 +58,18 @@ def build_model(family: str, vocab_size: int) -> TinyModel:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    return train_tokenizer(stdlib_documents()[:300], 512, tmp_path_factory.mktemp("tokenizer"))
+def tokenizer(shared_tokenizer) -> Tokenizer:
+    return shared_tokenizer
 
 
 @pytest.fixture(scope="module")
 def models(tokenizer) -> dict[str, TinyModel]:
     return {family: build_model(family, tokenizer.vocab_size) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tokenizer) -> dict[str, TinyModel]:
+    return {family: build_model(family, tokenizer.vocab_size, "bfloat16") for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +85,18 @@ def stop_ids(tokenizer: Tokenizer) -> set[int]:
 # --- KV cache ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decode_matches_full_forward(models, family):
-    m = models[family]
+def decode_sequences(vocab_size: int) -> np.ndarray:
+    """Three random token sequences [3, SEQ_LEN] (no special ids) for the KV-cache tests."""
+    return np.random.default_rng(0).integers(8, vocab_size, (3, SEQ_LEN)).astype(np.int32)
+
+
+def check_cached_decode(m: TinyModel, atol: float) -> np.ndarray:
+    """Prefills left-padded prompts of 3, 16 and 9 tokens of `decode_sequences`, decodes 6 more with the KV
+    cache and checks the logits after every token against the full (uncached) forward pass; returns those
+    full logits [3, SEQ_LEN, V]."""
     lengths, steps, width, max_len = np.array([3, 16, 9]), 6, 16, 32
     rows = np.arange(len(lengths))
-    seqs = np.random.default_rng(0).integers(8, m.cfg.vocab_size, (len(lengths), SEQ_LEN)).astype(np.int32)
+    seqs = decode_sequences(m.cfg.vocab_size)
     tokens = np.zeros((len(lengths), width), np.int32)
     valid = np.zeros((len(lengths), width), bool)
     for row, n in enumerate(lengths):
@@ -98,10 +109,30 @@ def test_cached_decode_matches_full_forward(models, family):
         m.params, tokens, valid, init_cache(m.cfg, len(lengths), max_len))
     full = np.asarray(m.forward(m.params, seqs))
     for s in range(steps + 1):
-        np.testing.assert_allclose(logits, full[rows, lengths - 1 + s], atol=1e-4, rtol=0, err_msg=f"step {s}")
+        np.testing.assert_allclose(logits, full[rows, lengths - 1 + s], atol=atol, rtol=0, err_msg=f"step {s}")
         out, cache = step(m.params, seqs[rows, lengths + s], jnp.asarray(lengths + s, jnp.int32), cache)
         logits = out[:, 0]
     assert int(cache["index"]) == width + steps + 1
+    return full
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_matches_full_forward(models, family):
+    check_cached_decode(models[family], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_matches_full_forward_in_bfloat16(models, bf16_models, family):
+    """The cached and the full pass round their bfloat16 activations along different paths (other shapes,
+    other accumulation orders), so they may differ by what bfloat16 rounding does to the logits: at most 4
+    roundings (unit roundoff 2^-8) of the logits' scale, which also bounds bfloat16 against float32. A wrong
+    slot, position or mask in the cache moves logits by about their whole scale instead."""
+    m = models[family]
+    exact = np.asarray(m.forward(m.params, decode_sequences(m.cfg.vocab_size)))
+    atol = 4 * 2.0**-8 * np.abs(exact[..., : m.cfg.vocab_size]).max()  # the masked padding ids excluded
+    rounded = check_cached_decode(bf16_models[family], atol=atol)
+    assert rounded.dtype == np.float32 and not np.array_equal(rounded, exact)  # bfloat16 compute, float32 logits
+    np.testing.assert_allclose(rounded, exact, atol=atol, rtol=0)
 
 
 # --- sample_logits -------------------------------------------------------------------------------
@@ -172,6 +203,19 @@ def test_samples_follow_the_filtered_distribution(temperature, top_k, top_p, exp
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
     tokens = np.asarray(draw(logits, temperature, top_k, top_p, n=2000))[:, 0]
     np.testing.assert_allclose(np.bincount(tokens, minlength=3) / len(tokens), expected, atol=0.04)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, 0, 1.0), (1.0, 0, 1.0), (1e3, 0, 1.0),
+                                                          (1e3, 128, 1.0), (5.0, 0, 0.999)])
+def test_padding_ids_of_a_padded_vocabulary_are_never_sampled(temperature, top_k, top_p):
+    """A model with 100 tokens has 128 logits (`model.vocab_multiple`); the 28 masked ones never come out,
+    even when a huge temperature flattens the real ones."""
+    m = build_model("llama", 100)
+    logits = m.forward(m.params, jax.random.randint(jax.random.PRNGKey(3), (4, SEQ_LEN), 0, 100))[:, -1]
+    assert logits.shape == (4, 128)
+    tokens = np.asarray(draw(logits, temperature, top_k, top_p, n=2000))
+    assert tokens.max() < 100
+    assert len(np.unique(tokens)) > (90 if temperature >= 1e3 else 0)
 
 
 # --- Sampler -------------------------------------------------------------------------------------

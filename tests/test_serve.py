@@ -1,5 +1,6 @@
 """Serving: the chat engine, the content filter, the feedback store, the Gradio demo and `lmjax chat`."""
 
+import io
 import os
 import signal
 import socket
@@ -9,10 +10,10 @@ import sys
 
 import pytest
 
-from lmjax.data.clean import Blocklist
 from lmjax.serve.engine import ChatEngine
 from lmjax.serve.feedback import FeedbackStore, export_preferences
 from lmjax.serve.safety import REFUSAL, ContentFilter
+from lmjax.text.blocklist import Blocklist
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -38,8 +39,12 @@ def user(text: str) -> dict:
 def test_engine_streams_and_compiles_decode_once(engine):
     messages = [{"role": "system", "content": "Be brief."}, user("What does len do?")]
     for turn in range(3):
-        texts = list(engine.stream_reply(messages, temperature=0.8, max_new_tokens=10, seed=turn))
-        assert texts and all(isinstance(t, str) for t in texts)
+        settings = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 10, "seed": turn}
+        texts = list(engine.stream_reply(messages, **settings))
+        assert 1 <= len(texts) <= 10 and len(set(texts)) == len(texts), texts  # one text per new token at most
+        # The reply so far, growing (a character whose bytes have not all come yet shows as U+FFFD meanwhile).
+        assert all(b.startswith(a.rstrip("\ufffd")) for a, b in zip(texts[:-1], texts[1:], strict=True)), texts
+        assert texts[-1] == engine.reply(messages, **settings)  # the same seed samples the same reply
         messages += [{"role": "assistant", "content": texts[-1]}, user(f"And {turn}?")]
     assert engine.sampler._decode._cache_size() == 1
     assert list(engine.stream_reply(messages[:2], **GREEDY))[-1] == engine.reply(messages[:2], **GREEDY)
@@ -54,13 +59,13 @@ def test_engine_trims_oldest_turns_keeping_system(engine):
     for i in range(12):
         turns += [user(f"q{i}"), {"role": "assistant", "content": f"a{i}"}]
     messages = [system, *turns, user("last")]
-    kept = engine.fit(messages, max_new_tokens=16)
+    kept = engine.trim_to_context(messages, max_new_tokens=16)
     assert kept[0] == system and kept[-1] == messages[-1] and kept[1]["role"] == "user"
     assert 3 <= len(kept) < len(messages) and kept[1:] == messages[-(len(kept) - 1):]
     assert len(engine.prompt_ids(messages, 16)) <= engine.context - 16
-    assert engine.fit([system, user("hi")], 16) == [system, user("hi")]
+    assert engine.trim_to_context([system, user("hi")], 16) == [system, user("hi")]
     with pytest.raises(ValueError, match="shorten"):
-        engine.fit([system, user("word " * 200)], 16)
+        engine.trim_to_context([system, user("word " * 200)], 16)
     assert engine.reply(messages, **GREEDY) is not None
 
 
@@ -159,11 +164,12 @@ def test_demo_refuses_blocked_input(demo_server):
     client.close()
 
 
-def test_chat_cli_with_piped_stdin(trained_run):
-    script = "/system You explain Python.\nWhat does len do?\n/reset\nHello\n/quit\nnever read\n"
-    proc = subprocess.run([sys.executable, "-m", "lmjax.cli", "chat", "--workdir", str(trained_run[0]),
-                           "--max-new-tokens", "8"], input=script, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_chat_cli_with_piped_stdin(trained_run, monkeypatch, capsys):
+    from lmjax.cli import main
+
+    stdin = io.StringIO("/system You explain Python.\nWhat does len do?\n/reset\nHello\n/quit\nnever read\n")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["chat", "--workdir", str(trained_run[0]), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
     assert "(system prompt: 'You explain Python.')" in out and "(conversation reset)" in out
-    assert out.count("assistant> ") == 2
+    assert out.count("assistant> ") == 2 and stdin.read() == "never read\n"

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lmjax.config import ConfigError, base_config
-from lmjax.parallel.mesh import mesh_shape
-from lmjax.parallel.rules import logical_to_spec, tree_specs
+from lmjax.parallel.mesh import check_model_fits_mesh, mesh_shape
+from lmjax.parallel.rules import DroppedAxis, logical_to_spec, resolve_spec, tree_specs
 
 RULES = dict(base_config().mesh.rules)
 
@@ -23,6 +23,44 @@ def test_logical_axes_map_to_mesh_axes():
     assert logical_to_spec(("batch", "length", "embed"), RULES, sizes) == P(("data", "fsdp"), None, None)
     assert logical_to_spec(("embed", "mlp"), RULES, {"data": 8, "fsdp": 1, "tensor": 1}) == P(None, None)
     assert logical_to_spec(("vocab", "embed"), RULES, sizes, shape=(97, 64)) == P(None, "fsdp")
+
+
+def test_resolve_spec_reports_every_mesh_axis_it_drops():
+    sizes = {"data": 2, "fsdp": 4, "tensor": 3}
+    assert resolve_spec(("vocab", "embed"), RULES, sizes, shape=(97, 64)) == (P(None, "fsdp"),
+                                                                               [DroppedAxis(0, "vocab", "tensor", 3)])
+    # batch = data,fsdp: data divides 6 but data x fsdp does not; size-1 axes are never reported.
+    spec, dropped = resolve_spec(("batch", "mlp"), RULES, {"data": 2, "fsdp": 4, "tensor": 1}, shape=(6, 5))
+    assert spec == P("data", None) and dropped == [DroppedAxis(0, "batch", "fsdp", 8)]
+    spec, dropped = resolve_spec(("embed", "mlp"), {**RULES, "mlp": "fsdp,tensor"}, sizes, shape=(8, 6))
+    assert spec == P("fsdp", "tensor") and dropped == [DroppedAxis(1, "mlp", "fsdp", 0)]
+    assert not dropped[0].indivisible
+
+
+def _toy_model():
+    """A tiny parameter tree with logical axes, in the shape `abstract_model` returns them."""
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    shapes = {"embed": s(100, 6), "blocks": {i: {"up": s(6, 10), "scale": s(6)} for i in range(3)}}
+    axes = {"embed": ("vocab", "embed"), "blocks": {i: {"up": ("embed", "mlp"), "scale": ("embed",)} for i in range(3)}}
+    return shapes, axes
+
+
+def test_model_check_logs_dropped_shardings_and_rejects_undivided_required_axes():
+    shapes, axes = _toy_model()
+    required = {"mlp": "model.d_ff"}
+    assert check_model_fits_mesh(shapes, axes, RULES, {"data": 1, "fsdp": 2, "tensor": 2}, required) == []
+    lines = check_model_fits_mesh(shapes, axes, RULES, {"data": 1, "fsdp": 4, "tensor": 5}, required)
+    assert lines == ["sharding dropped: the fsdp mesh axis (4 devices) does not divide logical axis 'embed' of size 6; "
+                     "replicated along it: blocks.*.scale dim 0 (x3), blocks.*.up dim 0 (x3), embed dim 1"]
+    with pytest.raises(ConfigError, match=r"the tensor mesh axis \(3 devices\) does not divide model.d_ff = 10 "
+                                          r"\(dimension 1 of blocks.0.up, logical axis 'mlp'\); pick a mesh.tensor"):
+        check_model_fits_mesh(shapes, axes, RULES, {"data": 1, "fsdp": 1, "tensor": 3}, required)
+    # Not required: the same drop is only reported, like the vocabulary's.
+    assert check_model_fits_mesh(shapes, axes, RULES, {"data": 1, "fsdp": 1, "tensor": 3}, {}) == [
+        "sharding dropped: the tensor mesh axis (3 devices) does not divide logical axis 'mlp' of size 10; "
+        "replicated along it: blocks.*.up dim 1 (x3)",
+        "sharding dropped: the tensor mesh axis (3 devices) does not divide logical axis 'vocab' of size 100; "
+        "replicated along it: embed dim 0"]
 
 
 def test_optimizer_moments_follow_their_parameter():

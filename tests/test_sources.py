@@ -1,4 +1,4 @@
-"""Tests for lmjax.data.sources: bad-input accounting, Parquet, TFDS, mixtures, stable idents."""
+"""Tests for lmjax.corpus.sources: bad-input accounting, Parquet, TFDS, mixtures, stable idents."""
 
 import json
 import tracemalloc
@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from lmjax.data import readers, sources
-from lmjax.data.readers import SKIP_REASONS, Document
-from lmjax.data.sources import iter_records, read_documents
+from lmjax.config import DataError
+from lmjax.corpus import readers, sources
+from lmjax.corpus.readers import SKIP_REASONS, Document
+from lmjax.corpus.sources import iter_records, read_documents
 
 
 def records(spec: str) -> tuple[list[Document], Counter]:
@@ -84,7 +85,7 @@ def test_jsonl_bad_inputs(tmp_path):
 def test_jsonl_field_missing_from_whole_file_is_an_error(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ["fine"])
     (tmp_path / "b.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(ValueError, match="b.jsonl.*'text'"):
+    with pytest.raises(DataError, match="b.jsonl.*'text'"):
         list(iter_records(f"jsonl:{tmp_path}/*.jsonl"))
     assert [d.text for d in iter_records(f"jsonl:{tmp_path}/b.jsonl:content")] == ["x"]
 
@@ -164,9 +165,9 @@ def test_parquet_source(tmp_path):
 
 def test_parquet_bad_column(tmp_path):
     pq.write_table(pa.table({"content": ["a"], "n": [1]}), tmp_path / "a.parquet")
-    with pytest.raises(ValueError, match=r"a\.parquet.*'text'"):
+    with pytest.raises(DataError, match=r"a\.parquet.*'text'"):
         list(iter_records(f"parquet:{tmp_path}/a.parquet"))
-    with pytest.raises(ValueError, match=r"a\.parquet.*'n'.*int64"):
+    with pytest.raises(DataError, match=r"a\.parquet.*'n'.*int64"):
         list(iter_records(f"parquet:{tmp_path}/a.parquet:n"))
 
 
@@ -233,7 +234,7 @@ def test_tfds_spec_errors(toy_data_dir, monkeypatch):
         ("tfds:no_such_dataset_xyz", "TFDS cannot open"),
         ("tfds:bad name!", "expected tfds:NAME"),
     ]:
-        with pytest.raises(ValueError, match=why):
+        with pytest.raises(DataError, match=why):
             iter_records(spec)
 
 
@@ -311,7 +312,7 @@ def test_mixture_cycle(tmp_path, three_sources):
     ],
 )
 def test_bad_specs(spec, why):
-    with pytest.raises(ValueError, match=why) as err:
+    with pytest.raises(DataError, match=why) as err:
         iter_records(spec)
     assert "valid forms" in str(err.value)
 

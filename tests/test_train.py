@@ -1,4 +1,6 @@
-"""Training: optimizer, gradient accumulation, the loop's outputs, exact resume, CLI errors."""
+"""Training: optimizer, gradient accumulation, the loop's outputs, exact resume, CLI errors.
+
+CLI commands run in this process (`lmjax.cli.main`); a subprocess only where a signal stops a run."""
 
 import functools
 import json
@@ -9,18 +11,30 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import tiny_config, tiny_overrides, xla_cache_env
 
+from lmjax.cli import main
 from lmjax.model.params import abstract_model
-from lmjax.train.checkpoint import Checkpointer
+from lmjax.run.checkpoint import Checkpointer
+from lmjax.run.workdir import Workdir
+from lmjax.train.loop import train
 from lmjax.train.optim import decay_mask, lr_schedule, make_optimizer
 from lmjax.train.step import init_state, train_step
 
 LMJAX = [sys.executable, "-m", "lmjax.cli"]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMJAX, *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lmjax ARGS` run in this process."""
+    capsys.readouterr()
+    status = main(list(args))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def config_args(*overrides: str) -> list[str]:
+    """`--config` arguments of `tiny_overrides()` and then `overrides`."""
+    return ["--config", "configs/tiny.py", *[f"--config.{o}" for o in tiny_overrides() + list(overrides)]]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -83,61 +97,81 @@ def test_training_run_writes_metrics_plot_checkpoints_and_samples(trained_run):
     assert (workdir / "tokenizer" / "tokenizer.model").is_file() and (workdir / "config.json").is_file()
 
 
-def test_sample_cli_reads_only_the_workdir(trained_run):
+def test_sample_cli_reads_only_the_workdir(trained_run, capsys):
     workdir, _ = trained_run
-    out = run_cli("sample", "--workdir", str(workdir), "--prompt", "Return the", "--max-new-tokens", "12",
-                  "--num-samples", "2", "--seed", "3")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("Return the") == 2 and "--- sample 2" in out.stdout
+    status, out, err = run_cli(capsys, "sample", "--workdir", str(workdir), "--prompt", "Return the",
+                               "--max-new-tokens", "12", "--num-samples", "2", "--seed", "3")
+    assert status == 0, err
+    assert out.count("Return the") == 2 and "--- sample 2" in out
 
 
-def test_resume_after_kill_is_bit_identical(tmp_path):
+def _losses(workdir) -> list[tuple[int, float]]:
+    """(step, train loss) of every line of the run's metrics.jsonl that has one, in order."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+
+
+def _final_params_and_losses(workdir):
+    """(latest checkpoint step, its parameters, `_losses`) of a run."""
+    ckpt = Checkpointer(workdir / "checkpoints")
+    _, shapes, _ = abstract_model(Workdir(workdir).load_config().model)
+    params = jax.device_get(ckpt.restore_params(shapes))
+    step = ckpt.latest_step()
+    ckpt.close()
+    return step, params, _losses(workdir)
+
+
+def _assert_same_run(a, b, steps: int) -> None:
+    """Runs `a` and `b` both reached `steps`, with identical parameters and one identical loss per step."""
+    (step_a, params_a, losses_a), (step_b, params_b, losses_b) = map(_final_params_and_losses, (a, b))
+    assert step_a == step_b == steps
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        assert np.array_equal(x, y)
+    assert losses_a == losses_b and [step for step, _ in losses_a] == list(range(1, steps + 1))
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, capsys):
     """An uninterrupted run and one killed with SIGKILL mid-way then resumed end with identical parameters."""
     extra = ["train.steps=16", "train.ckpt_every=4", "train.log_every=1", "train.eval_every=0", "train.samples="]
-    overrides = [f"--config.{o}" for o in TINY_OVERRIDES + extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = run_cli("train", "--config", "configs/tiny.py", *overrides, "--workdir", str(straight))
-    assert out.returncode == 0, out.stderr
+    status, _, err = run_cli(capsys, "train", *config_args(*extra), "--workdir", str(straight))
+    assert status == 0, err
 
-    proc = subprocess.Popen([*LMJAX, "train", "--config", "configs/tiny.py", *overrides, "--workdir", str(resumed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*LMJAX, "train", *config_args(*extra), "--workdir", str(resumed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=xla_cache_env())
     for line in proc.stdout:
         if line.startswith("step     10/16"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    out = run_cli("train", "--workdir", str(resumed))
-    assert out.returncode == 0, out.stderr
-    assert "resumed from checkpoint at step" in out.stdout
-
-    params = []
-    for workdir in (straight, resumed):
-        ckpt = Checkpointer(workdir / "checkpoints")
-        assert ckpt.latest_step() == 16
-        _, shapes, _ = abstract_model(_vocab_from(workdir))
-        params.append(jax.device_get(ckpt.restore_params(shapes)))
-        ckpt.close()
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
-        assert np.array_equal(a, b)
-    losses = [[json.loads(line)["train_loss"] for line in (w / "metrics.jsonl").read_text().splitlines()]
-              for w in (straight, resumed)]
-    assert losses[0] == losses[1]
+    status, out, err = run_cli(capsys, "train", "--workdir", str(resumed))
+    assert status == 0, err
+    assert "resumed from checkpoint at step" in out
+    _assert_same_run(straight, resumed, 16)
 
 
-def _vocab_from(workdir):
-    from lmjax.workdir import Workdir
+def test_resume_with_dropout_is_bit_identical(tmp_path):
+    """With dropout on, 8 steps in one go equal 4 steps then a resume to 8: each step's dropout masks come
+    from the checkpointed RNG and the step number, not from the process that runs it. (A constant learning
+    rate after warm-up, so that raising train.steps changes no step before it.)"""
+    extra = ["model.dropout=0.1", "train.decay=constant", "train.warmup_steps=2", "train.ckpt_every=100",
+             "train.log_every=1", "train.eval_every=0", "train.samples="]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(*extra, "train.steps=8"), straight)
+    assert train(tiny_config(*extra, "train.steps=4"), resumed)["step"] == 4
+    assert train(tiny_config(*extra, "train.steps=8"), resumed)["step"] == 8
+    _assert_same_run(straight, resumed, 8)
+    train(tiny_config(*extra, "model.dropout=0", "train.steps=1"), tmp_path / "no_dropout")
+    assert _losses(tmp_path / "no_dropout")[0] != _losses(straight)[0]  # the same first batch: dropout was on
 
-    return Workdir(workdir).load_config().model
 
-
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, capsys):
     extra = ["train.steps=400", "train.ckpt_every=1000", "train.log_every=1", "train.eval_every=0",
              "train.samples="]
     workdir = tmp_path / "run"
-    proc = subprocess.Popen([*LMJAX, "train", "--config", "configs/tiny.py",
-                             *[f"--config.{o}" for o in TINY_OVERRIDES + extra], "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*LMJAX, "train", *config_args(*extra), "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=xla_cache_env())
     for line in proc.stdout:
         if line.startswith("step      3/400"):
             proc.send_signal(signal.SIGTERM)
@@ -149,9 +183,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     saved = ckpt.latest_step()
     ckpt.close()
     assert saved is not None and 3 <= saved < 400
-    out = run_cli("train", "--workdir", str(workdir), "--config.train.steps", str(saved + 2))
-    assert out.returncode == 0, out.stderr
-    assert f"resumed from checkpoint at step {saved}" in out.stdout
+    status, out, err = run_cli(capsys, "train", "--workdir", str(workdir), "--config.train.steps", str(saved + 2))
+    assert status == 0, err
+    assert f"resumed from checkpoint at step {saved}" in out
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -160,7 +194,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     ("no_checkpoint", "no checkpoint yet"),
     ("corrupt_config", "unreadable"),
 ])
-def test_sample_on_a_bad_workdir_gives_a_clear_error(tmp_path, trained_run, setup, message):
+def test_sample_on_a_bad_workdir_gives_a_clear_error(tmp_path, trained_run, capsys, setup, message):
     workdir = tmp_path / "w"
     if setup != "missing":
         workdir.mkdir()
@@ -171,11 +205,11 @@ def test_sample_on_a_bad_workdir_gives_a_clear_error(tmp_path, trained_run, setu
             (trained_run[0] / "tokenizer" / "tokenizer.model").read_bytes())
     if setup == "corrupt_config":
         (workdir / "config.json").write_text('{"model": ')
-    out = run_cli("sample", "--workdir", str(workdir), "--prompt", "x")
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    status, _, err = run_cli(capsys, "sample", "--workdir", str(workdir), "--prompt", "x")
+    assert status == 2 and err.startswith("lmjax: error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_files(tmp_path, trained_run):
+def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_files(tmp_path, trained_run, capsys):
     import shutil
 
     workdir = tmp_path / "copy"
@@ -185,22 +219,25 @@ def test_corrupt_checkpoint_gives_a_clear_error_and_keeps_the_files(tmp_path, tr
     for p in victims:
         p.write_bytes(b"\0garbage" * 4)
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    out = run_cli("sample", "--workdir", str(workdir), "--prompt", "x")
-    assert out.returncode == 2 and "checkpoint step 24" in out.stderr and "Traceback" not in out.stderr, out.stderr
-    assert "earlier steps: [8, 16]" in out.stderr
+    status, _, err = run_cli(capsys, "sample", "--workdir", str(workdir), "--prompt", "x")
+    assert status == 2 and "checkpoint step 24" in err and err.count("\n") == 1, err
+    assert "earlier steps: [8, 16]" in err
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
-    out = run_cli("sample", "--workdir", str(workdir), "--prompt", "x", "--step", "16", "--max-new-tokens", "4")
-    assert out.returncode == 0, out.stderr
+    status, out, err = run_cli(capsys, "sample", "--workdir", str(workdir), "--prompt", "x", "--step", "16",
+                               "--max-new-tokens", "4")
+    assert status == 0 and out.startswith("x"), err
 
 
-def test_cli_config_errors_are_one_line(tmp_path):
-    out = run_cli("train", "--config", "configs/tiny.py", "--config.model.num_layerz=2", "--workdir", str(tmp_path))
-    assert out.returncode == 2 and "unknown config key 'model.num_layerz'" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "train", "--config", "configs/tiny.py", "--config.model.num_layerz=2",
+                             "--workdir", str(tmp_path))
+    assert status == 2 and "unknown config key 'model.num_layerz'" in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())  # refused before the run directory was touched
 
 
-def test_plan_cli_reports_sharded_memory():
-    out = run_cli("plan", "--config", "configs/llama_7b.py", "--devices", "256", "--device-memory-gb", "16")
-    assert out.returncode == 0, out.stderr
-    assert "6,738,415,616" in out.stdout and "'fsdp': 256" in out.stdout
-    assert "fits 16 GB per device: yes" in out.stdout  # with the config's remat=full and grad_accum=4
+def test_plan_cli_reports_sharded_memory(capsys):
+    status, out, err = run_cli(capsys, "plan", "--config", "configs/llama_7b.py", "--devices", "256",
+                               "--device-memory-gb", "16")
+    assert status == 0, err
+    assert "6,738,415,616" in out and "'fsdp': 256" in out
+    assert "fits 16 GB per device: yes" in out  # with the config's remat=full and grad_accum=4

@@ -9,7 +9,7 @@ duplicates and PII (emails, phone numbers, IPs, card numbers) mixed in, and junk
 JSONL lines, missing, null, non-string and empty fields, invalid UTF-8, lone surrogates, one gigantic
 line per JSONL part, empty, binary and Latin-1 text files.
 
---scan streams every document through `lmjax.data.sources.iter_records` and prints documents, skip
+--scan streams every document through `lmjax.corpus.sources.iter_records` and prints documents, skip
 counts, throughput and peak RSS above the baseline after imports, as JSON.
 """
 
@@ -199,7 +199,7 @@ def scan(out: Path) -> dict:
     """Stream the corpus under `out` through iter_records and measure it."""
     import pyarrow.parquet  # noqa: F401  (imported before the baseline, like the sources module)
 
-    from lmjax.data.sources import iter_records
+    from lmjax.corpus.sources import iter_records
 
     patterns = {"jsonl": "jsonl/*.jsonl", "parquet": "parquet/*.parquet", "text": "text/**/*.txt"}
     specs = [f"{kind}:{out}/{pattern}" for kind, pattern in patterns.items() if (out / kind).is_dir()]

@@ -8,7 +8,7 @@ Expect: about 6,800 documents in, a few hundred removed (mostly too-short docstr
 handful of PII replacements (e-mail addresses in module headers), ~5% held out, in under 60 s.
 """
 
-from lmjax.data.prepare import prepare_config
+from lmjax.corpus.prepare import prepare_config
 
 
 def get_config():

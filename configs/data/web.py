@@ -1,20 +1,31 @@
-"""web: a web-scale pretraining corpus (Parquet shards of any `text` dataset, e.g. FineWeb-Edu) mixed with
-the embedded stdlib corpus, through the whole cleaning pipeline; for the accelerator-scale recipes.
+"""web: a web-scale pretraining corpus (Parquet shards of any `text` dataset, e.g. FineWeb-Edu) through the
+whole cleaning pipeline; for the accelerator-scale recipes. The embedded stdlib corpus is prepared on its own
+and mixed in at training time as 2% of the documents:
 
     # download the Parquet files yourself (hub CLI, gsutil, ...) into /data/web/, then
-    lmjax data prepare --config configs/data/web.py --out /data/prepared/web \\
-        --config.sources='mix/cycle:parquet:/data/web/*.parquet@0.98|stdlib:all@0.02'
+    lmjax data prepare --config configs/data/web.py --out /data/prepared/web
+    lmjax data prepare --config configs/data/stdlib.py --out /data/prepared/stdlib
+    lmjax train ... --config.data.train='mix/cycle:/data/prepared/web@0.98|/data/prepared/stdlib@0.02' \\
+        --config.data.val=/data/prepared/web:val --config.tokenizer.path=/data/prepared/web/tokenizer
 
-An accelerator config: not run here (the machine that runs the tests has no hub access). Expect the card
-to account for every document; prepare resumes from its last finished chunk if interrupted.
+Each component is deduplicated on its own, before the mixture: mixing inside prepare
+(`sources='mix/cycle:...@0.98|stdlib:all@0.02'`) would let exact dedup drop every repeat that /cycle brings
+back of the small stdlib component, leaving one copy of it (~6,000 documents) instead of 2%. At training time
+/cycle repeats the stdlib train split until the web component has been read once. Documents that occur in
+both components are not deduplicated against each other.
+
+An accelerator config: not run here (the machine that runs the tests has no hub access). Expect the web card
+to account for every document (prepare resumes from its last finished chunk if interrupted), and about 2% of
+the training documents to come from /data/prepared/stdlib, each of them repeated about
+0.02 / 0.98 * (web train documents) / (stdlib train documents) times.
 """
 
-from lmjax.data.prepare import prepare_config
+from lmjax.corpus.prepare import prepare_config
 
 
 def get_config():
     c = prepare_config()
-    c.sources = "mix/cycle:parquet:/data/web/*.parquet@0.98|stdlib:all@0.02"
+    c.sources = "parquet:/data/web/*.parquet"
     c.workers = 16
     c.chunk_docs = 200_000
     c.val_fraction = 0.005

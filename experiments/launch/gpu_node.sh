@@ -20,7 +20,7 @@
 #     optimizer state           1.236 GB
 #     activations (estimate)   36.510 GB (one micro-batch, remat=full)
 #     total                    39.599 GB (weights, gradients and Adam state unsharded: 19.773 GB)
-#   by model.remat (activations are an estimate; see lmjax/plan.py:activation_bytes):
+#   by model.remat (activations are an estimate; see lmjax/train/plan.py:activation_bytes):
 #     remat      activations     total   FLOPs/step
 #     nothing     150.991 GB  154.1 GB   4.310e+15
 #     dots         47.079 GB   50.2 GB   4.450e+15
@@ -30,14 +30,18 @@
 #
 # Needs: `make quickstart` once (the venv), then `.venv/bin/pip install -c requirements.lock 'jax[cuda12]'`,
 # Parquet shards of a text dataset in /data/web/ and chat conversations as JSONL in /data/chat/ (see configs).
+# The web and stdlib corpora are prepared (cleaned, deduplicated) each on its own and mixed 98:2 by documents
+# while training, with the web corpus's tokenizer (configs/data/web.py says why).
 set -euo pipefail
 LMJAX=.venv/bin/lmjax
 MESH="--config.mesh.data=1 --config.mesh.fsdp=8"
 
 $LMJAX data prepare --config configs/data/web.py --out /data/prepared/web
+$LMJAX data prepare --config configs/data/stdlib.py --out /data/prepared/stdlib
 $LMJAX train --config configs/llama_1b.py --workdir runs/llama_1b $MESH --config.train.grad_accum=4 \
-  --config.model.vocab_size=0 \
-  --config.data.train=/data/prepared/web --config.data.val=/data/prepared/web:val
+  --config.model.vocab_size=0 --config.tokenizer.path=/data/prepared/web/tokenizer \
+  --config.data.train='mix/cycle:/data/prepared/web@0.98|/data/prepared/stdlib@0.02' \
+  --config.data.val=/data/prepared/web:val
 $LMJAX train --config configs/sft_1b.py --config.init_from=runs/llama_1b --workdir runs/sft_1b $MESH \
   --config.model.vocab_size=0 --config.data.train='chat:/data/chat/*.jsonl'
 $LMJAX eval chat --workdir runs/llama_1b
@@ -47,4 +51,4 @@ read -r -p "press Enter when enough ratings are in (runs/sft_1b/feedback.sqlite)
 kill %1
 $LMJAX feedback export --workdir runs/sft_1b --out runs/sft_1b/prefs.jsonl
 $LMJAX train --config configs/dpo_1b.py --config.init_from=runs/sft_1b --workdir runs/dpo_1b $MESH \
-  --config.model.vocab_size=0 --config.data.train=jsonl:runs/sft_1b/prefs.jsonl
+  --config.model.vocab_size=0 --config.data.train=pairs:runs/sft_1b/prefs.jsonl

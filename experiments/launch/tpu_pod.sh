@@ -20,7 +20,7 @@
 #     optimizer state           0.211 GB
 #     activations (estimate)   11.339 GB (one micro-batch, remat=full)
 #     total                    11.865 GB (weights, gradients and Adam state unsharded: 107.815 GB)
-#   by model.remat (activations are an estimate; see lmjax/plan.py:activation_bytes):
+#   by model.remat (activations are an estimate; see lmjax/train/plan.py:activation_bytes):
 #     remat      activations     total   FLOPs/step
 #     nothing     126.914 GB  127.4 GB   1.933e+17
 #     dots         21.091 GB   21.6 GB   2.023e+17
@@ -46,12 +46,15 @@ on_all "git clone $REPO lmjax && cd lmjax && python3.11 -m venv .venv && \
   .venv/bin/pip install -q -c requirements.lock -e . && .venv/bin/pip install -q -c requirements.lock 'jax[tpu]' && \
   sudo mkdir -p $MNT && sudo chown \$USER $MNT && gcsfuse --implicit-dirs $BUCKET $MNT"
 
-# 2. Prepare the corpus once (one host is enough; the shards land in the bucket).
+# 2. Prepare the corpora once (one host is enough; the shards land in the bucket): the web and stdlib corpora
+#    each on its own, mixed 98:2 by documents while training (configs/data/web.py says why).
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=0 --command \
-  "cd lmjax && .venv/bin/lmjax data prepare --config configs/data/web.py --out $MNT/data/web"
+  "cd lmjax && .venv/bin/lmjax data prepare --config configs/data/web.py --out $MNT/data/web && \
+  .venv/bin/lmjax data prepare --config configs/data/stdlib.py --out $MNT/data/stdlib"
 
 # 3. Train on all hosts at once. Rerunning the same command after a preemption resumes exactly;
 #    data.loaders=64 fixes the data order, so the run can also resume on a slice with fewer hosts.
 on_all "cd lmjax && .venv/bin/lmjax train --config configs/llama_7b.py --workdir $MNT/runs/llama_7b \
-  --config.data.train=$MNT/data/web --config.data.val=$MNT/data/web:val --config.data.loaders=64 \
+  --config.data.train='mix/cycle:$MNT/data/web@0.98|$MNT/data/stdlib@0.02' --config.data.val=$MNT/data/web:val \
+  --config.tokenizer.path=$MNT/data/web/tokenizer --config.data.loaders=64 \
   --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.vocab_size=0"

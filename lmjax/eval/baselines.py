@@ -4,18 +4,21 @@ import math
 
 import numpy as np
 
-from lmjax.data.pipeline import chunk_tokens
+
+def _targets(chunks: list[np.ndarray]) -> np.ndarray:
+    """The counted prediction targets of token chunks: every token but the first, or, for chat chunks
+    ([2, n]: tokens and loss mask), only those whose loss mask is 1 (the assistant's replies)."""
+    parts = [c[1:] if c.ndim == 1 else c[0, 1:][c[1, 1:] == 1] for c in chunks]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def unigram_bpb(train_chunks: list[np.ndarray], val_chunks: list[np.ndarray], token_bytes: np.ndarray) -> float:
-    """Bits per byte on the validation targets of a unigram model fitted to the training targets
-    (add-one smoothing): what a model that ignores context achieves. (For chat chunks all targets count,
-    not only the assistant's.)"""
+    """Bits per byte on the validation targets of a unigram model fitted to the training targets (add-one
+    smoothing): what a model that ignores context achieves. Counts the same targets as the model's
+    validation loss (only the assistant's tokens in chat data)."""
     vocab = len(token_bytes)
-    counts = np.ones(vocab, np.float64)
-    for chunk in train_chunks:
-        counts += np.bincount(chunk_tokens(chunk)[1:], minlength=vocab)[:vocab]
+    counts = np.ones(vocab, np.float64) + np.bincount(_targets(train_chunks), minlength=vocab)[:vocab]
     log2_p = np.log2(counts / counts.sum())
-    val_targets = np.concatenate([chunk_tokens(c)[1:] for c in val_chunks]) if val_chunks else np.zeros(0, np.int64)
+    val_targets = _targets(val_chunks)
     total_bytes = token_bytes[val_targets].sum()
     return float(-log2_p[val_targets].sum() / max(total_bytes, 1)) if len(val_targets) else math.nan

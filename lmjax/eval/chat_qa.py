@@ -4,10 +4,23 @@ from collections.abc import Sequence
 
 from rouge_score import rouge_scorer
 
-from lmjax.data.chat import encode_chat, read_chat
-from lmjax.data.chat_corpus import qa_pairs
 from lmjax.infer.sampler import Sampler
-from lmjax.workdir import open_workdir, restore_model
+from lmjax.input.specs import read_chat
+from lmjax.run.restore import restore_model
+from lmjax.run.workdir import open_workdir
+from lmjax.text.chat_template import Message, encode_chat
+
+Conversation = list[Message]
+
+
+def qa_pairs(conversations: Sequence[Conversation]) -> list[tuple[Conversation, str]]:
+    """(prompt messages before the last assistant turn, that turn's content) for evaluation."""
+    pairs = []
+    for conversation in conversations:
+        last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+        if last is not None:
+            pairs.append((list(conversation[:last]), conversation[last]["content"]))
+    return pairs
 
 
 def answer(sampler: Sampler, prompts: Sequence[list[dict]], max_new_tokens: int = 48,
@@ -36,7 +49,7 @@ def evaluate_workdir(workdir: str, source: str = "stdlib:heldout", limit: int = 
                      step: int | None = None) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
     """Scores a run on the first `limit` questions of a chat source; returns the metrics and
     (question, reply, reference) triples."""
-    cfg, graphdef, params, tokenizer = restore_model(open_workdir(workdir), step)
+    cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(workdir), step)
     sampler = Sampler(cfg.model, graphdef, params, tokenizer)
     pairs = qa_pairs(read_chat(source))[:limit]
     replies = answer(sampler, [prompt for prompt, _ in pairs])

@@ -14,9 +14,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.config import DataError
+from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
+from lmjax.text.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this so prefill compiles for few lengths
 
@@ -25,7 +27,8 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
                   top_p: jax.Array) -> jax.Array:
     """Next tokens [B] from logits [B, V]: greedy when temperature <= 0, else softmax(logits / T)
     restricted to the top_k most likely tokens (0 = all) and the smallest set of mass >= top_p.
-    `temperature` is a scalar; greedy decoding skips the sort over the vocabulary."""
+    `temperature` is a scalar; greedy decoding skips the sort over the vocabulary. The model's masked
+    padding ids (see `MASKED_LOGIT`) rank last and get probability 0, so V may be the padded vocabulary."""
     logits = logits.astype(jnp.float32)
     return jax.lax.cond(temperature <= 0, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
                         lambda: _sample_filtered(logits, rng, temperature, top_k, top_p))
@@ -66,14 +69,14 @@ def decode(params: Params, token: jax.Array, position: jax.Array, cache: dict, r
 class Sampler:
     """Generates text from a model's parameters with a KV cache of `max_len` slots."""
 
-    def __init__(self, model_cfg: ConfigDict, graphdef: nnx.GraphDef, params: Params, tokenizer: Tokenizer,
-                 max_len: int | None = None):
-        self.cfg = model_cfg
+    def __init__(self, model_cfg: ModelConfig | ConfigDict, graphdef: nnx.GraphDef, params: Params,
+                 tokenizer: Tokenizer, max_len: int | None = None):
+        self.cfg = ModelConfig.from_config(model_cfg)
         self.params = params
         self.tokenizer = tokenizer
-        self.max_len = max_len or model_cfg.seq_len
-        if self.max_len > model_cfg.seq_len and model_cfg.family == "gpt2":
-            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({model_cfg.seq_len})")
+        self.max_len = max_len or self.cfg.seq_len
+        if self.max_len > self.cfg.seq_len and self.cfg.family == "gpt2":
+            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({self.cfg.seq_len})")
         self._prefill = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
         self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=3)
         self._sample = jax.jit(sample_logits)
@@ -98,7 +101,7 @@ class Sampler:
             [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
         batch, longest = len(ids), max(len(p) for p in ids)
         if longest >= self.max_len:
-            raise ValueError(f"prompt is {longest} tokens but the model's context is {self.max_len}; "
+            raise DataError(f"prompt is {longest} tokens but the model's context is {self.max_len}; "
                              f"shorten it to at most {self.max_len - 1} tokens")
         max_new_tokens = max(0, min(max_new_tokens, self.max_len - longest))
         bucket = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET

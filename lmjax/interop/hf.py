@@ -14,7 +14,8 @@ import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file
 
-from lmjax.config import DTYPES, base_config, validate
+from lmjax.config import DTYPES, DataError, base_config, validate
+from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params, abstract_model
 
 # Buffers that some (older) checkpoints save next to the weights; they carry no learned values.
@@ -34,10 +35,10 @@ class _Tensors:
 
     def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
-            raise ValueError(f"checkpoint is missing tensor {name!r}")
+            raise DataError(f"checkpoint is missing tensor {name!r}")
         value = self.tensors[name]
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
+            raise DataError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(shape)}")
         self.used.add(name)
         return np.asarray(value, np.float32)
@@ -52,14 +53,16 @@ class _Tensors:
         extra = sorted(set(self.tensors) - self.used)
         if extra:
             shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
-            raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s): {shown}")
+            raise DataError(f"checkpoint has {len(extra)} unexpected tensor(s): {shown}")
 
 
 def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[ConfigDict, Params]:
     """Reads a Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory.
 
     Returns (model config, params): params match `abstract_model(cfg)` in structure and shape, stored in
-    `dtype`, which also becomes the model's compute and parameter dtype. Raises ValueError for missing or
+    `dtype`, which also becomes the model's compute and parameter dtype. The embedding (and an untied
+    lm_head) gets zeros for the padding ids up to a multiple of `model.vocab_multiple`, whose logits the
+    model masks: compare logits[..., :vocab_size] with Hugging Face's. Raises DataError for missing or
     corrupt files, unsupported architectures or features, and missing, extra or mis-shaped tensors.
     """
     if dtype not in DTYPES:
@@ -72,7 +75,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
         "llama": (_llama_config, _llama_params, "model."),
     }
     if model_type not in builders:
-        raise ValueError(f"unsupported model_type {model_type!r} in {path / 'config.json'}; "
+        raise DataError(f"unsupported model_type {model_type!r} in {path / 'config.json'}; "
                          f"supported: {sorted(builders)}")
     make_config, make_params, prefix = builders[model_type]
     cfg = make_config(hf)
@@ -92,16 +95,16 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
 
 def _read_config(path: Path) -> dict:
     if not path.is_dir():
-        raise ValueError(f"Hugging Face checkpoint directory not found: {path}")
+        raise DataError(f"Hugging Face checkpoint directory not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"no config.json in {path}")
+        raise DataError(f"no config.json in {path}")
     try:
         hf = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        raise DataError(f"{config_file} is not valid JSON: {e}") from e
     if not isinstance(hf, dict):
-        raise ValueError(f"{config_file} does not hold a JSON object")
+        raise DataError(f"{config_file} does not hold a JSON object")
     return hf
 
 
@@ -111,31 +114,31 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return _load_safetensors(single)
     if not index.is_file():
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path} "
+        raise DataError(f"no model.safetensors or model.safetensors.index.json in {path} "
                          "(only safetensors checkpoints are supported)")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a valid safetensors index: {e}") from e
+        raise DataError(f"{index} is not a valid safetensors index: {e}") from e
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         for name, value in _load_safetensors(path / shard).items():
             if name in tensors:
-                raise ValueError(f"tensor {name!r} appears in more than one shard of {path}")
+                raise DataError(f"tensor {name!r} appears in more than one shard of {path}")
             tensors[name] = value
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
-        raise ValueError(f"tensor {missing[0]!r} is listed in {index} but not found in its shard")
+        raise DataError(f"tensor {missing[0]!r} is listed in {index} but not found in its shard")
     return tensors
 
 
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
-        raise ValueError(f"safetensors file not found: {file}")
+        raise DataError(f"safetensors file not found: {file}")
     try:
         return load_file(file)
     except Exception as e:
-        raise ValueError(f"cannot read safetensors file {file}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot read safetensors file {file}: {type(e).__name__}: {e}") from e
 
 
 def _get(hf: dict, key: str, default: int | None = None) -> int:
@@ -144,15 +147,15 @@ def _get(hf: dict, key: str, default: int | None = None) -> int:
     if value is None:
         if default is not None:
             return default
-        raise ValueError(f"config.json has no {key!r}")
+        raise DataError(f"config.json has no {key!r}")
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"config.json {key!r} must be a positive integer, got {value!r}")
+        raise DataError(f"config.json {key!r} must be a positive integer, got {value!r}")
     return value
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(f"unsupported checkpoint: {message}")
+        raise DataError(f"unsupported checkpoint: {message}")
 
 
 def _gpt2_config(hf: dict) -> ConfigDict:
@@ -231,7 +234,7 @@ def _gpt2_params(cfg: ConfigDict, t: _Tensors) -> Params:
             },
         }
     params = {
-        "embed": t.take("wte.weight", (v, d)),
+        "embed": _pad_vocab(cfg, t.take("wte.weight", (v, d)), axis=0),
         "pos_embed": t.take("wpe.weight", (cfg.seq_len, d)),
         "blocks": blocks,
         "final_norm": {"scale": t.take("ln_f.weight", (d,)), "bias": t.take("ln_f.bias", (d,))},
@@ -261,7 +264,7 @@ def _llama_params(cfg: ConfigDict, t: _Tensors) -> Params:
             },
         }
     params = {
-        "embed": t.take("embed_tokens.weight", (v, d)),
+        "embed": _pad_vocab(cfg, t.take("embed_tokens.weight", (v, d)), axis=0),
         "blocks": blocks,
         "final_norm": {"scale": t.take("norm.weight", (d,))},
     }
@@ -275,7 +278,14 @@ def _take_lm_head(cfg: ConfigDict, t: _Tensors, params: Params) -> None:
         if t.has("lm_head.weight"):
             t.discard("lm_head.weight")
         return
-    params["lm_head"] = t.take("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T
+    params["lm_head"] = _pad_vocab(cfg, t.take("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T, axis=1)
+
+
+def _pad_vocab(cfg: ConfigDict, x: np.ndarray, axis: int) -> np.ndarray:
+    """`x` with zeros appended along its vocabulary `axis` up to the model's padded vocabulary."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, ModelConfig.from_config(cfg).padded_vocab - x.shape[axis])
+    return np.pad(x, widths)
 
 
 def _map(fn: Callable, tree):

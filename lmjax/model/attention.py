@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from ml_collections import ConfigDict
 
-from lmjax.config import head_dim, kv_heads
+from lmjax.model.config import ModelConfig
 from lmjax.model.layers import apply_rope, param, project
 from lmjax.parallel.rules import constrain
 
@@ -14,8 +13,8 @@ class Attention(nnx.Module):
     """Self-attention. Training: causal within each packed segment. Decoding: keys and values go into
     a fixed-size cache at slot `index`, and queries see every valid slot up to their own."""
 
-    def __init__(self, cfg: ConfigDict, out_std: float, rngs: nnx.Rngs):
-        d, h, kv, hd = cfg.d_model, cfg.num_heads, kv_heads(cfg), head_dim(cfg)
+    def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
         self.rope_theta = cfg.rope_theta if cfg.family == "llama" else None

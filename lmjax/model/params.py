@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lmjax.config import head_dim
+from lmjax.model.config import ModelConfig
 from lmjax.model.transformer import Transformer
 
 Params = dict[str, Any]
@@ -27,8 +27,9 @@ def _nest(flat: dict[tuple, Any]) -> dict:
     return tree
 
 
-def abstract_model(cfg: ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
+def abstract_model(cfg: ModelConfig | ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
     """(graphdef, params as ShapeDtypeStructs, logical axes per parameter); allocates nothing."""
+    cfg = ModelConfig.from_config(cfg)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
@@ -37,9 +38,9 @@ def abstract_model(cfg: ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
     return graphdef, shapes, axes
 
 
-def init_params(cfg: ConfigDict, rng: jax.Array) -> Params:
+def init_params(cfg: ModelConfig | ConfigDict, rng: jax.Array) -> Params:
     """Fresh parameters for `cfg` from `rng` (jittable; put it under jit with out_shardings to shard)."""
-    model = Transformer(cfg, rngs=nnx.Rngs(params=rng))
+    model = Transformer(ModelConfig.from_config(cfg), rngs=nnx.Rngs(params=rng))
     return nnx.to_pure_dict(nnx.state(model))
 
 
@@ -48,19 +49,22 @@ def count_params(params: Params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
-def matmul_params(cfg: ConfigDict, params: Params) -> int:
+def matmul_params(cfg: ModelConfig | ConfigDict, params: Params) -> int:
     """Parameters that take part in a matmul per token (the embedding lookup and positions do not;
-    the embedding does when it is tied to the output projection)."""
+    the embedding does when it is tied to the output projection). The vocabulary's padding counts: the
+    output matmul computes its columns too."""
+    cfg = ModelConfig.from_config(cfg)
     n = count_params(params)
     if not cfg.tie_embeddings:
-        n -= cfg.vocab_size * cfg.d_model
+        n -= cfg.padded_vocab * cfg.d_model
     if cfg.family == "gpt2":
         n -= cfg.seq_len * cfg.d_model
     return n
 
 
-def flops_per_token(cfg: ConfigDict, params: Params) -> float:
+def flops_per_token(cfg: ModelConfig | ConfigDict, params: Params) -> float:
     """Training FLOPs per token: 6 x matmul params + 12 x layers x attention width x seq_len
     (forward + backward; attention scores counted without the causal halving, as in PaLM's MFU)."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * cfg.seq_len
+    cfg = ModelConfig.from_config(cfg)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cfg.seq_len
     return 6 * matmul_params(cfg, params) + attention

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lmjax.config import head_dim, kv_heads
 from lmjax.model.attention import Attention
+from lmjax.model.config import ModelConfig
 from lmjax.model.layers import PROJECTION, GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, param
 from lmjax.parallel.rules import constrain
 
@@ -27,10 +27,17 @@ REMAT = {
 }
 
 
+# The logit of the vocabulary's padding ids (see `ModelConfig.padded_vocab`): finite, so no 0 x inf makes a
+# NaN anywhere, and so low that its exp() is exactly 0 in float32 (also divided by any sensible sampling
+# temperature): softmax, cross-entropy and sampling see the real vocabulary only, and no gradient reaches
+# the padding rows through the logits.
+MASKED_LOGIT = -1e9
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
         norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
@@ -53,14 +60,16 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Token ids -> next-token logits (float32)."""
 
-    def __init__(self, cfg: ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         pdt = jnp.dtype(cfg.param_dtype)
+        vocab = cfg.padded_vocab
         self.family = cfg.family
         self.dtype = jnp.dtype(cfg.dtype)
         self.dropout = cfg.dropout
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+        self.vocab_size = cfg.vocab_size
+        self.embed = param(rngs, (vocab, cfg.d_model), ("vocab", "embed"), pdt)
         if cfg.family == "gpt2":
             self.pos_embed = param(rngs, (cfg.seq_len, cfg.d_model), ("position", "embed"), pdt, std=0.01)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
@@ -68,11 +77,12 @@ class Transformer(nnx.Module):
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         if not cfg.tie_embeddings:
-            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+            self.lm_head = param(rngs, (cfg.d_model, vocab), ("embed", "vocab"), pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
                  dropout_rng: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
         """tokens, positions, segment_ids: [B, T] int32 -> (logits [B, T, V] float32, updated cache).
+        V is the padded vocabulary; the logits of the padding ids are `MASKED_LOGIT`.
 
         `dropout_rng` turns dropout on (training). `cache` (from `init_cache`) switches to decoding:
         the T new tokens are written at slot `cache['index']` and attend to all earlier valid slots.
@@ -101,6 +111,8 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        if head.shape[1] > self.vocab_size:
+            logits = jnp.where(jnp.arange(head.shape[1]) < self.vocab_size, logits, MASKED_LOGIT)
         logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
@@ -118,9 +130,10 @@ def _train_block(block: Block, remat: str, x: jax.Array, positions: jax.Array, s
     return call(block, x, positions, segment_ids, rng)
 
 
-def init_cache(cfg: ConfigDict, batch_size: int, max_len: int) -> dict:
+def init_cache(cfg: ModelConfig | ConfigDict, batch_size: int, max_len: int) -> dict:
     """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim], slot validity, index."""
-    shape = (batch_size, max_len, kv_heads(cfg), head_dim(cfg))
+    cfg = ModelConfig.from_config(cfg)
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     return {
         "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],

@@ -1,6 +1,8 @@
 """Building the device mesh from `mesh.{data,fsdp,tensor}`."""
 
 import math
+import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -9,6 +11,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from lmjax.config import MESH_AXES, ConfigError
+from lmjax.parallel.rules import DroppedAxis, resolve_spec
 
 
 def mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> dict[str, int]:
@@ -42,13 +45,56 @@ def batch_shards(rules: dict[str, str], sizes: dict[str, int]) -> int:
     return math.prod(sizes[a] for a in filter(None, rules["batch"].split(",")))
 
 
-def check_model_fits_mesh(model_cfg: ConfigDict, sizes: dict[str, int]) -> None:
-    """Raises ConfigError, before anything is compiled, when the `tensor` mesh axis does not divide the
-    query heads, the key/value heads or d_ff, which tensor parallelism splits across its devices."""
-    tensor = sizes.get("tensor", 1)
-    for what, value in (("model.num_heads", model_cfg.num_heads),
-                        ("the key/value heads (model.num_kv_heads)", model_cfg.num_kv_heads or model_cfg.num_heads),
-                        ("model.d_ff", model_cfg.d_ff)):
-        if value % tensor:
-            raise ConfigError(f"the tensor mesh axis ({tensor} devices) does not divide {what} = {value}; "
-                              f"pick a mesh.tensor that divides it")
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def dropped_shardings(shapes, axes, rules: Mapping[str, str],
+                      sizes: Mapping[str, int]) -> list[tuple[str, tuple[int, ...], DroppedAxis]]:
+    """(parameter name, shape, dropped mesh axis) for every mesh axis that `rules` assign to a dimension of a
+    parameter (`shapes`: arrays or ShapeDtypeStructs; `axes`: the same tree of logical axis tuples) but that
+    its sharding leaves out, so that the parameter is replicated along that mesh axis."""
+    flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    found = []
+    for (path, leaf), names in zip(flat_shapes, flat_axes, strict=True):
+        for drop in resolve_spec(names, rules, sizes, leaf.shape)[1]:
+            found.append((_path_name(path), tuple(leaf.shape), drop))
+    return found
+
+
+def check_model_fits_mesh(shapes, axes, rules: Mapping[str, str], sizes: Mapping[str, int],
+                          required: Mapping[str, str]) -> list[str]:
+    """Checks, before anything is compiled, how the mesh can shard the parameters (`shapes` and their logical
+    `axes`, e.g. from `abstract_model`) under `rules`. Raises ConfigError when a mesh axis does not divide a
+    dimension whose logical axis is in `required` ({logical axis: the knob that sizes it}): the model's
+    tensor-parallel axes, where replication would repeat the work instead of splitting it. Every other
+    dropped sharding (the parameter stays replicated along that mesh axis: more memory, same results) comes
+    back as one log line per (mesh axis, logical axis, size), naming the parameters and dimensions."""
+    drops = dropped_shardings(shapes, axes, rules, sizes)
+    errors: dict[str, dict[str, str]] = {}  # mesh axis -> {logical axis: what it cannot split}
+    groups: dict[tuple[str, str, int, int], dict[tuple[str, int], int]] = {}
+    for name, shape, d in drops:
+        size = shape[d.dim]
+        if d.indivisible and d.logical in required:
+            errors.setdefault(d.mesh_axis, {}).setdefault(
+                d.logical, f"{required[d.logical]} = {size} (dimension {d.dim} of {name}, logical axis {d.logical!r})")
+            continue
+        pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)  # blocks.3.attn.key -> blocks.*.attn.key
+        params = groups.setdefault((d.mesh_axis, d.logical, size, d.shards), {})
+        params[(pattern, d.dim)] = params.get((pattern, d.dim), 0) + 1
+    if errors:
+        raise ConfigError("; ".join(
+            f"the {axis} mesh axis ({sizes[axis]} devices) does not divide "
+            + ", ".join(what[logical] for logical in required if logical in what)
+            + f"; pick a mesh.{axis} that divides {'them' if len(what) > 1 else 'it'}"
+            for axis, what in errors.items()))
+    lines = []
+    for (mesh_axis, logical, size, shards), params in groups.items():
+        why = (f"does not divide logical axis {logical!r} of size {size}"
+               + (f" into {shards} shards (with the mesh axes before it)" if shards != sizes[mesh_axis] else "")
+               if shards else f"is already used by another dimension, so not by logical axis {logical!r}")
+        where = ", ".join(f"{p} dim {dim}" + (f" (x{n})" if n > 1 else "") for (p, dim), n in params.items())
+        lines.append(f"sharding dropped: the {mesh_axis} mesh axis ({sizes[mesh_axis]} devices) {why}; "
+                     f"replicated along it: {where}")
+    return lines

@@ -7,6 +7,7 @@ inside `use_rules(mesh, rules)`; outside it (tests, plain CPU calls) `constrain`
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -17,31 +18,58 @@ LogicalAxes = Sequence[str | None]
 _active: list[tuple[Mesh, Mapping[str, str]]] = []
 
 
+@dataclasses.dataclass(frozen=True)
+class DroppedAxis:
+    """A mesh axis that the rules assign to dimension `dim` (logical axis `logical`) of an array but that its
+    spec leaves out: the axis does not divide the dimension into `shards` parts (with the mesh axes before
+    it on that dimension), or an earlier dimension of the array already uses it (`shards` is then 0)."""
+
+    dim: int
+    logical: str
+    mesh_axis: str
+    shards: int
+
+    @property
+    def indivisible(self) -> bool:
+        """Whether the axis was dropped because it does not divide the dimension."""
+        return self.shards > 0
+
+
+def resolve_spec(
+    axes: LogicalAxes, rules: Mapping[str, str], mesh_shape: Mapping[str, int] | None = None,
+    shape: Sequence[int] | None = None,
+) -> tuple[PartitionSpec, list[DroppedAxis]]:
+    """`logical_to_spec`, and the mesh axes it dropped (none for size-1 axes, which shard nothing)."""
+    used: set[str] = set()
+    spec, dropped = [], []
+    for i, name in enumerate(axes):
+        mesh_axes = []
+        size = 1
+        for axis in filter(None, rules.get(name, "").split(",")) if name else ():
+            if mesh_shape is not None and mesh_shape[axis] == 1:
+                continue
+            if axis in used:
+                dropped.append(DroppedAxis(i, name, axis, 0))
+                continue
+            if mesh_shape is not None:
+                if shape is not None and shape[i] % (size * mesh_shape[axis]):
+                    dropped.append(DroppedAxis(i, name, axis, size * mesh_shape[axis]))
+                    continue
+                size *= mesh_shape[axis]
+            mesh_axes.append(axis)
+            used.add(axis)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+    return PartitionSpec(*spec), dropped
+
+
 def logical_to_spec(
     axes: LogicalAxes, rules: Mapping[str, str], mesh_shape: Mapping[str, int] | None = None,
     shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
     """PartitionSpec for logical `axes`. A mesh axis is used at most once per spec; with the mesh's axis
     sizes, size-1 axes are left out, and with `shape` too, mesh axes that do not divide their dimension
-    are dropped (that dimension stays replicated)."""
-    used: set[str] = set()
-    spec = []
-    for i, name in enumerate(axes):
-        mesh_axes = []
-        size = 1
-        for axis in filter(None, rules.get(name, "").split(",")) if name else ():
-            if axis in used:
-                continue
-            if mesh_shape is not None:
-                if mesh_shape[axis] == 1:
-                    continue
-                if shape is not None and shape[i] % (size * mesh_shape[axis]):
-                    continue
-                size *= mesh_shape[axis]
-            mesh_axes.append(axis)
-            used.add(axis)
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
-    return PartitionSpec(*spec)
+    are dropped (that dimension stays replicated). `resolve_spec` also returns what was dropped."""
+    return resolve_spec(axes, rules, mesh_shape, shape)[0]
 
 
 def named_sharding(mesh: Mesh, rules: Mapping[str, str], axes: LogicalAxes,

@@ -14,11 +14,12 @@ from collections.abc import Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from lmjax.data.chat import Message  # noqa: E402
-from lmjax.data.clean import Blocklist  # noqa: E402
+from lmjax.config import LmjaxError  # noqa: E402
 from lmjax.serve.engine import ChatEngine  # noqa: E402
 from lmjax.serve.feedback import FeedbackStore  # noqa: E402
 from lmjax.serve.safety import ContentFilter  # noqa: E402
+from lmjax.text.blocklist import Blocklist  # noqa: E402
+from lmjax.text.chat_template import Message  # noqa: E402
 
 DEFAULT_SYSTEM = "You are a helpful assistant that explains Python."
 
@@ -52,7 +53,7 @@ def build_demo(engine: ChatEngine, feedback: FeedbackStore, content_filter: Cont
             for text in content_filter.screen_stream(stream, session):
                 state["messages"] = messages + [{"role": "assistant", "content": text}]
                 yield state["messages"], state
-        except ValueError as e:
+        except LmjaxError as e:
             state["messages"] = messages[:-1]
             raise gr.Error(str(e)) from None
         state["messages"] = messages + [{"role": "assistant", "content": text}]

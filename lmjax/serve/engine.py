@@ -4,18 +4,18 @@ One `Sampler` with a batch-1 KV cache of the model's full context serves every t
 step compiles once; the prompt is padded to a bucket, so prefill compiles for few lengths.
 """
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from lmjax.data.chat import Message, check_conversation, encode_chat
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.config import DataError
 from lmjax.infer.sampler import Sampler
 from lmjax.model.params import Params, count_params
-from lmjax.train.checkpoint import Checkpointer
-from lmjax.workdir import Workdir, open_workdir, restore_model
+from lmjax.run.restore import restore_model
+from lmjax.run.workdir import Workdir, open_workdir, read_metrics
+from lmjax.text.chat_template import Message, check_conversation, encode_chat
+from lmjax.text.tokenizer import Tokenizer
 
 
 class ChatEngine:
@@ -35,39 +35,34 @@ class ChatEngine:
     def from_workdir(cls, path: str | Path, step: int | None = None) -> "ChatEngine":
         """The engine of a trained run, from checkpoint `step` (default latest)."""
         wd = open_workdir(path)
-        if step is None:
-            ckpt = Checkpointer(wd.checkpoint_dir)
-            try:
-                step = ckpt.latest_step()
-            finally:
-                ckpt.close()
-        cfg, graphdef, params, tokenizer = restore_model(wd, step)
+        cfg, graphdef, params, tokenizer, step = restore_model(wd, step)
         return cls(cfg, graphdef, params, tokenizer, step, wd)
 
     def reply_budget(self, max_new_tokens: int) -> int:
         """Context slots kept free for the reply: `max_new_tokens`, but at most a quarter of the context."""
         return max(1, min(max_new_tokens, self.context // 4))
 
-    def fit(self, messages: Sequence[Message], max_new_tokens: int = 128) -> list[Message]:
+    def trim_to_context(self, messages: Sequence[Message], max_new_tokens: int = 128) -> list[Message]:
         """`messages` without their oldest turns (a leading system prompt is kept) so that the prompt
-        and `reply_budget(max_new_tokens)` fit the context; ValueError if the last message cannot."""
+        and `reply_budget(max_new_tokens)` fit the context; `DataError` if the last message cannot."""
         messages = list(messages)
         check_conversation(messages)
         if messages[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
+            raise DataError("the conversation must end with a user message")
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
-        # bos + <|assistant|>, then each message is its role token, content and <|end|>
-        sizes = [len(ids) + 2 for ids in self.tokenizer.encode_batch([m["content"] for m in messages])]
-        limit = self.context - self.reply_budget(max_new_tokens) - 2
+        # The template's tokens around the turns (bos ... <|assistant|>), then each message's own tokens.
+        frame = len(encode_chat([], self.tokenizer, add_generation_prompt=True)[0])
+        sizes = [len(encode_chat([m], self.tokenizer)[0]) - 1 for m in messages]  # minus the bos
+        limit = self.context - self.reply_budget(max_new_tokens) - frame
         system_size, turn_sizes = sum(sizes[:len(system)]), sizes[len(system):]
         if turn_sizes[-1] > limit:
-            raise ValueError(f"the message is {turn_sizes[-1] - 2} tokens but at most {limit - 2} fit the model's "
-                             f"context of {self.context} tokens (with {self.reply_budget(max_new_tokens)} kept for "
-                             f"the reply): shorten it or lower max_new_tokens")
+            raise DataError(f"the message is {turn_sizes[-1]} tokens but at most {limit} fit the model's "
+                            f"context of {self.context} tokens (with {self.reply_budget(max_new_tokens)} kept for "
+                            f"the reply): shorten it or lower max_new_tokens")
         if system_size + turn_sizes[-1] > limit:
-            raise ValueError(f"the system prompt ({system_size - 2} tokens) and the message ({turn_sizes[-1] - 2} "
-                             f"tokens) do not fit the model's context of {self.context} tokens: shorten them")
+            raise DataError(f"the system prompt ({system_size} tokens) and the message ({turn_sizes[-1]} "
+                            f"tokens) do not fit the model's context of {self.context} tokens: shorten them")
         first = len(turns) - 1
         while first > 0 and system_size + sum(turn_sizes[first - 1:]) <= limit:
             first -= 1
@@ -77,7 +72,7 @@ class ChatEngine:
 
     def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int = 128) -> list[int]:
         """Token ids of the (trimmed) conversation, ending with `<|assistant|>`."""
-        ids, _ = encode_chat(self.fit(messages, max_new_tokens), self.tokenizer, add_generation_prompt=True)
+        ids, _ = encode_chat(self.trim_to_context(messages, max_new_tokens), self.tokenizer, add_generation_prompt=True)
         return ids.tolist()
 
     def stream_reply(self, messages: Sequence[Message], temperature: float = 0.7, top_p: float = 0.9,
@@ -108,10 +103,7 @@ class ChatEngine:
         card = {"family": m.family, "params": self.num_params, "layers": m.num_layers, "d_model": m.d_model,
                 "heads": m.num_heads, "context": self.context, "vocab_size": m.vocab_size, "step": self.step,
                 "workdir": str(self.workdir.path) if self.workdir else None, "val": {}}
-        if self.workdir and self.workdir.metrics_path.is_file():
-            for line in self.workdir.metrics_path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else {}
-                if any(k.startswith("val_") for k in record):
-                    card["val"] = {"step": record.get("step"),
-                                   **{k: v for k, v in record.items() if k.startswith("val_")}}
+        for record in read_metrics(self.workdir.metrics_path) if self.workdir else []:
+            if any(k.startswith("val_") for k in record):
+                card["val"] = {"step": record.get("step"), **{k: v for k, v in record.items() if k.startswith("val_")}}
         return card

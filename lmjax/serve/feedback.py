@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmjax.data.chat import Message
+from lmjax.text.chat_template import Message
 
 FILENAME = "feedback.sqlite"
 

@@ -3,8 +3,8 @@
 import logging
 from collections.abc import Iterator
 
-from lmjax.data.clean import Blocklist
 from lmjax.serve.feedback import FeedbackStore
+from lmjax.text.blocklist import Blocklist
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
 """The trainer: everything stateful around the pure train step (data, mesh, checkpoints, logging,
-signals). `train(cfg, workdir)` starts a run, or resumes it exactly if the workdir has checkpoints."""
+signals). `train(cfg, workdir)` starts a run, or resumes it exactly if the workdir has checkpoints.
+
+    prepare_run      config checks, resume rules, tokenizer, config.json         (no data, no compilation)
+    restore_or_init  the train state: from the checkpoint, from init_from, or random
+    run_steps        the loop: step, log, evaluate, checkpoint, stop on a signal
+"""
 
 import functools
-import json
-import os
 import shutil
 import signal
 import tempfile
@@ -16,23 +19,69 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from lmjax.config import ConfigError, base_config, validate
-from lmjax.data.chat import read_chat
-from lmjax.data.loaders import loader_count
-from lmjax.data.shards import parse_prepared
-from lmjax.data.sources import read_documents
-from lmjax.data.tokenizer import Tokenizer, train_tokenizer
+from lmjax.config import ConfigError, base_config, config_diff, validate
 from lmjax.infer.sampler import Sampler
+from lmjax.input import specs
+from lmjax.input.loaders import loader_count
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
-from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, make_mesh, mesh_shape
+from lmjax.parallel.mesh import batch_shards, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
-from lmjax.train.checkpoint import Checkpointer
-from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses, read_metrics
-from lmjax.train.objectives import BatchShardings, dpo_objective, global_batch, lm_objective, with_sharding
+from lmjax.run.checkpoint import Checkpointer
+from lmjax.run.restore import check_init_from, init_params_from
+from lmjax.run.workdir import Workdir, read_metrics
+from lmjax.text.io import write_jsonl
+from lmjax.text.tokenizer import Tokenizer, train_tokenizer
+from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses
+from lmjax.train.objectives import (
+    BatchShardings,
+    Objective,
+    RunContext,
+    dpo_objective,
+    global_batch,
+    lm_objective,
+    with_sharding,
+)
 from lmjax.train.optim import lr_schedule, make_optimizer
-from lmjax.train.step import init_state
-from lmjax.workdir import Workdir, init_params_from
+from lmjax.train.plan import check_sharding
+from lmjax.train.step import init_state, start_state
+
+# Knobs a resumed run may change; any other difference from the run's config.json is refused. `mesh.*` says
+# how the run is laid out on devices, not what it computes (checkpoints move between meshes); a started run
+# reads its own copy of the tokenizer, whatever `tokenizer.path` says (the loader fingerprint checks it).
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
+             "train.samples", "train.peak_tflops", "tokenizer.path", "mesh.*")
+# Knobs whose default means "decided at the first start" (then recorded): a resume that leaves them at the
+# default keeps the recorded value.
+DECIDED_AT_START = {"model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1}
+
+
+def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
+    """The config to train `wd` with: `cfg` for a new run; for a started one (config.json present) `cfg`
+    after checking that it differs from the saved config only in RESUMABLE knobs. A new fine-tuning run
+    records which checkpoint step of init_from it starts from (checked for shapes: no data read yet)."""
+    cfg = ConfigDict(cfg.to_dict())
+    if not wd.has_config():
+        if cfg.init_from:
+            if cfg.model.vocab_size == 0:  # the vocabulary of the tokenizer the run will use
+                cfg.model.vocab_size = (Tokenizer.load(cfg.tokenizer.path).vocab_size if cfg.tokenizer.path
+                                        else Workdir(cfg.init_from).load_config().model.vocab_size)
+            cfg.init_from_step = check_init_from(cfg)
+        return cfg
+    saved = wd.load_config()
+    for key, default in DECIDED_AT_START.items():
+        group, _, leaf = key.rpartition(".")
+        node, saved_node = (cfg[group], saved[group]) if group else (cfg, saved)
+        if node[leaf] == default:
+            node[leaf] = saved_node[leaf]
+    changed = {k: v for k, v in config_diff(saved, cfg).items()
+               if k not in RESUMABLE and not k.startswith(("mesh.", "distributed."))}
+    if changed:
+        raise ConfigError(f"{wd.path} was started with another config; a resumed run may change only "
+                          f"{', '.join(RESUMABLE)}. Refused: "
+                          + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                          + ". Start a new run (another --workdir, with --config.init_from to keep the weights)")
+    return cfg
 
 
 def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
@@ -42,32 +91,82 @@ def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
         return Tokenizer.load(wd.tokenizer_dir)
     wd.path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wd.path, prefix=".tokenizer-"))
-    prepared = parse_prepared(cfg.data.train)
-    source = (cfg.tokenizer.path or (str(Workdir(cfg.init_from).tokenizer_dir) if cfg.init_from else "")
-              or (str(prepared[0] / "tokenizer") if prepared else ""))
-    if source:
-        Tokenizer.load(source)
-        shutil.copy(Path(source) / "tokenizer.model", tmp)
-        log(f"using the tokenizer of {source}")
-    else:
-        start = time.time()
-        train_tokenizer(_source_texts(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
-        log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
-            f"{cfg.data.train} in {time.time() - start:.1f}s")
-    os.replace(tmp, wd.tokenizer_dir)
+    try:
+        prepared = specs.prepared_tokenizer(cfg.data.train)
+        source = (cfg.tokenizer.path or (str(Workdir(cfg.init_from).tokenizer_dir) if cfg.init_from else "")
+                  or (str(prepared) if prepared else ""))
+        if source:
+            Tokenizer.load(source).save(tmp)
+            log(f"using the tokenizer of {source}")
+        else:
+            start = time.time()
+            train_tokenizer(specs.texts(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
+            log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
+                f"{cfg.data.train} in {time.time() - start:.1f}s")
+        tmp.rename(wd.tokenizer_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Tokenizer.load(wd.tokenizer_dir)
 
 
-def _source_texts(spec: str):
-    if spec.startswith("chat:"):
-        return (m["content"] for c in read_chat(spec[len("chat:"):]) for m in c)
-    return read_documents(spec)
+def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
+    """Checks `cfg` against the devices, the workdir and init_from, settles the tokenizer and the knobs
+    decided at the first start, and saves config.json. Reads no training data and compiles nothing."""
+    validate(cfg)
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
+                          "in float16; train in bfloat16 or float32 (float16 is fine for inference)")
+    distributed.initialize(cfg)
+    if cfg.train.objective == "dpo" and not cfg.init_from:
+        raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
+                          "reference")
+    for line in check_sharding(cfg, mesh_shape(cfg.mesh, jax.device_count())):
+        log(line)
+    cfg = resume_config(cfg, wd)
+    t_cfg = cfg.train
+    cfg.data.loaders = loader_count(cfg.data.loaders, jax.process_count(), t_cfg.batch_size, t_cfg.grad_accum)
+    if jax.process_index() == 0:
+        load_or_train_tokenizer(cfg, wd)
+    distributed.barrier("tokenizer")  # the other processes read the one process 0 put in the (shared) workdir
+    tokenizer = load_or_train_tokenizer(cfg, wd)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
+    if jax.process_index() == 0:
+        saved = ConfigDict(cfg.to_dict())
+        saved.distributed = base_config().distributed  # how processes join is not part of the run
+        wd.save_config(saved)
+    return cfg, tokenizer
+
+
+def restore_or_init(cfg: ConfigDict, ckpt: Checkpointer, objective: Objective, abstract_state, state_sharding,
+                    tx, ref_params=None):
+    """(train state, its step): the latest checkpoint's (with the data loaders moved to its position), else
+    step 0 from init_from's parameters (restored straight into their shardings; no random state is built),
+    else step 0 of a new model. DPO passes its reference (`ref_params`, the same weights) to start from."""
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(with_sharding(abstract_state, state_sharding), objective.data_iter)
+        step = int(jax.device_get(state["step"]))
+        log(f"resumed from checkpoint at step {step}")
+        return state, step
+    seed = cfg.train.seed
+    if cfg.init_from:
+        if ref_params is not None:
+            params = jax.tree.map(lambda p: p.copy(), ref_params)
+        else:
+            params = init_params_from(cfg, with_sharding(abstract_state["params"], state_sharding["params"]))
+        start = jax.jit(functools.partial(start_state, tx=tx, seed=seed), out_shardings=state_sharding,
+                        donate_argnums=0)
+        log(f"initialised parameters from {cfg.init_from} (step {cfg.init_from_step})")
+        return start(params), 0
+    return jax.jit(functools.partial(init_state, cfg.model, tx, seed), out_shardings=state_sharding)(), 0
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits).
-    With several processes JAX's preemption service handles SIGTERM instead, so that every process
-    stops after the same step."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits); a
+    second SIGINT (Ctrl-C) interrupts at once. With several processes JAX's preemption service handles
+    SIGTERM instead, so that every process stops after the same step."""
 
     def __init__(self):
         self.signal = None
@@ -86,37 +185,78 @@ class _StopFlag:
         return self.signal
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log("Ctrl-C: stopping after this step with a checkpoint (press again to stop at once, without one)")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
+def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckpt: Checkpointer,
+              writer: MetricsWriter, wd: Workdir, train_sharding: NamedSharding, flops_token: float, peak: float):
+    """Trains from `first_step` to train.steps (or a stop signal); returns (state, step, last validation
+    metrics, the signal that stopped it or None)."""
+    t_cfg, seq_len = cfg.train, cfg.model.seq_len
+    schedule = lr_schedule(t_cfg)
+    tokens_per_step = t_cfg.batch_size * seq_len * objective.rows_per_example
+    records = [r for r in read_metrics(wd.metrics_path) if r["step"] <= first_step]
+    _rewrite_metrics(wd.metrics_path, records)
+    elapsed_before = records[-1]["elapsed_s"] if records else 0.0
+    last_val: dict = {}
+    run_start = interval_start = time.time()
+    interval_metrics: list = []
+    step = first_step
+    data_iter = objective.data_iter
+    with _StopFlag() as stop:
+        while step < t_cfg.steps:
+            batch = next(data_iter)
+            batch = {k: v.reshape(t_cfg.grad_accum, -1, seq_len) for k, v in batch.items()}
+            state, metrics = objective.step_fn(state, global_batch(batch, train_sharding))
+            interval_metrics.append(metrics)
+            step += 1
+            record = {}
+            if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                fetched = jax.device_get(interval_metrics)
+                seconds = time.time() - interval_start
+                tok_s = tokens_per_step * len(fetched) / seconds
+                record.update(
+                    train_loss=float(np.mean([m["loss"] for m in fetched])),
+                    grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+                    lr=float(schedule(step - 1)), tokens_per_sec=tok_s,
+                    mfu=tok_s * flops_token / (peak * jax.device_count()),
+                    **{f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("accuracy", "margin")
+                       if k in fetched[0]})
+                eta = (t_cfg.steps - step) * seconds / len(fetched)
+                log(f"step {step:>6}/{t_cfg.steps} | loss {record['train_loss']:.4f} | "
+                    f"{tok_s:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}")
+                interval_metrics, interval_start = [], time.time()
+            if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
+                eval_start = time.time()
+                last_val = objective.evaluate(state["params"])
+                record.update(last_val)
+                log(f"step {step:>6} | {objective.describe(last_val)}")
+                interval_start += time.time() - eval_start  # throughput counts training time only
+            if record:
+                record.update(step=step, elapsed_s=elapsed_before + time.time() - run_start)
+                writer.write(record)
+            if stop.check(step) or step % t_cfg.ckpt_every == 0 or step == t_cfg.steps:
+                ckpt.save(state, data_iter)
+            if stop.signal:
+                log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
+                break
+    return state, step, last_val, stop.signal
+
+
 def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
-    cfg = ConfigDict(cfg.to_dict())
-    validate(cfg)
-    distributed.initialize(cfg)
     wd = Workdir(workdir)
+    cfg, tokenizer = prepare_run(cfg, wd)
     t_cfg, m_cfg = cfg.train, cfg.model
-    check_model_fits_mesh(m_cfg, mesh_shape(cfg.mesh, jax.device_count()))  # before any data or compilation
-    if t_cfg.objective == "dpo" and not cfg.init_from:
-        raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
-                          "reference")
-    cfg.data.loaders = loader_count(cfg.data.loaders, jax.process_count(), t_cfg.batch_size, t_cfg.grad_accum)
-    if jax.process_index() == 0:
-        load_or_train_tokenizer(cfg, wd)
-    distributed.barrier("tokenizer")  # the other processes read the one process 0 put in the (shared) workdir
-    tokenizer = load_or_train_tokenizer(cfg, wd)
-    if m_cfg.vocab_size == 0:
-        m_cfg.vocab_size = tokenizer.vocab_size
-    if m_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size {m_cfg.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
-    if jax.process_index() == 0:
-        saved = ConfigDict(cfg.to_dict())
-        saved.distributed = base_config().distributed  # how processes join is not part of the run
-        wd.save_config(saved)
 
     mesh = make_mesh(cfg.mesh)
     rules = dict(cfg.mesh.rules)
@@ -126,98 +266,44 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
         raise ConfigError(f"micro-batch {micro} (train.batch_size / grad_accum) must be divisible by the "
                           f"{batch_ways} batch shards of the mesh and by {n_proc} processes")
 
-    seq_len = m_cfg.seq_len
     graphdef, abstract_params, axes = abstract_model(m_cfg)
     tx = make_optimizer(t_cfg)
-    schedule = lr_schedule(t_cfg)
     abstract_state = jax.eval_shape(functools.partial(init_state, m_cfg, tx, t_cfg.seed))
     state_sharding = tree_shardings(mesh, rules, abstract_state, axes)
     shardings = BatchShardings(
         train=NamedSharding(mesh, logical_to_spec((None, "batch", "length"), rules, mesh.shape)),
         eval=NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh.shape)),
         replicated=NamedSharding(mesh, PartitionSpec()))
-    make_objective = dpo_objective if t_cfg.objective == "dpo" else lm_objective
-    objective = make_objective(cfg, tokenizer, graphdef, tx, abstract_state["params"], state_sharding, shardings)
-    data_iter = objective.data_iter
+    ref_params = None
+    if t_cfg.objective == "dpo":
+        ref_params = init_params_from(cfg, with_sharding(abstract_params, state_sharding["params"]))
+    ctx = RunContext(cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params)
+    objective = (dpo_objective if t_cfg.objective == "dpo" else lm_objective)(ctx)
 
     n_params = count_params(abstract_params)
     flops_token = flops_per_token(m_cfg, abstract_params)
     peak = t_cfg.peak_tflops * 1e12 or measure_matmul_peak(m_cfg.dtype)
-    tokens_per_step = t_cfg.batch_size * seq_len * objective.rows_per_example
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({m_cfg.dtype})")
 
     writer = MetricsWriter(wd.metrics_path, wd.tb_dir)
-    ckpt = Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts)
-    with use_rules(mesh, rules):
-        init_fn = jax.jit(functools.partial(init_state, m_cfg, tx, t_cfg.seed), out_shardings=state_sharding)
-        if ckpt.latest_step() is not None:
-            state = ckpt.restore(with_sharding(abstract_state, state_sharding), data_iter)
-            first_step = int(jax.device_get(state["step"]))
-            records = [r for r in read_metrics(wd.metrics_path) if r["step"] <= first_step]
-            _rewrite_metrics(wd.metrics_path, records)
-            elapsed_before = records[-1]["elapsed_s"] if records else 0.0
-            log(f"resumed from checkpoint at step {first_step}")
-        else:
-            state = init_fn()
-            if cfg.init_from:
-                state["params"] = init_params_from(cfg, with_sharding(abstract_state["params"],
-                                                                      state_sharding["params"]))
-                log(f"initialised parameters from {cfg.init_from}")
-            first_step, elapsed_before = 0, 0.0
-            _rewrite_metrics(wd.metrics_path, [])
-
-        last_val: dict = {}
-        run_start = interval_start = time.time()
-        interval_metrics: list = []
-        step = first_step
-        with _StopFlag() as stop:
-            while step < t_cfg.steps:
-                batch = next(data_iter)
-                batch = {k: v.reshape(t_cfg.grad_accum, -1, seq_len) for k, v in batch.items()}
-                state, metrics = objective.step_fn(state, global_batch(batch, shardings.train))
-                interval_metrics.append(metrics)
-                step += 1
-                record = {}
-                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
-                    fetched = jax.device_get(interval_metrics)
-                    seconds = time.time() - interval_start
-                    tok_s = tokens_per_step * len(fetched) / seconds
-                    record.update(
-                        train_loss=float(np.mean([m["loss"] for m in fetched])),
-                        grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
-                        lr=float(schedule(step - 1)), tokens_per_sec=tok_s,
-                        mfu=tok_s * flops_token / (peak * jax.device_count()),
-                        **{f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("accuracy", "margin")
-                           if k in fetched[0]})
-                    eta = (t_cfg.steps - step) * seconds / len(fetched)
-                    log(f"step {step:>6}/{t_cfg.steps} | loss {record['train_loss']:.4f} | "
-                        f"{tok_s:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_duration(eta)}")
-                    interval_metrics, interval_start = [], time.time()
-                if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
-                    last_val = objective.evaluate(state["params"])
-                    record.update(last_val)
-                    log(f"step {step:>6} | {objective.describe(last_val)}")
-                    interval_start = time.time()
-                if record:
-                    record.update(step=step, elapsed_s=elapsed_before + time.time() - run_start)
-                    writer.write(record)
-                if stop.check(step) or step % t_cfg.ckpt_every == 0 or step == t_cfg.steps:
-                    ckpt.save(state, data_iter)
-                if stop.signal:
-                    log(f"{stop.signal}: checkpoint saved at step {step}; run the same command to resume")
-                    break
-        if not last_val and not stop.signal:
-            last_val = objective.evaluate(state["params"])
-            log(f"step {step:>6} | {objective.describe(last_val)} (resumed)")
-    ckpt.close()
-    writer.close()
+    try:
+        with Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts) as ckpt, use_rules(mesh, rules):
+            state, first_step = restore_or_init(cfg, ckpt, objective, abstract_state, state_sharding, tx,
+                                                ref_params)
+            state, step, last_val, stopped_by = run_steps(cfg, objective, state, first_step, ckpt, writer, wd,
+                                                          shardings.train, flops_token, peak)
+            if not last_val and not stopped_by:
+                last_val = objective.evaluate(state["params"])
+                log(f"step {step:>6} | {objective.describe(last_val)} (resumed)")
+    finally:
+        writer.close()
     if jax.process_index() == 0:
         plot_losses(read_metrics(wd.metrics_path), wd.plot_path, title=f"{m_cfg.family} {n_params / 1e6:.1f}M")
-    if jax.process_count() == 1 and t_cfg.samples and not stop.signal:
+    if jax.process_count() == 1 and t_cfg.samples and not stopped_by:
         write_samples(Sampler(m_cfg, graphdef, state["params"], tokenizer), list(t_cfg.samples), wd.samples_path,
                       t_cfg.seed)
-    return {"step": step, "stopped_by": stop.signal or "", **objective.result, **last_val}
+    return {"step": step, "stopped_by": stopped_by or "", **objective.result, **last_val}
 
 
 def write_samples(sampler: Sampler, prompts: list[str], path: Path, seed: int) -> None:
@@ -230,8 +316,5 @@ def write_samples(sampler: Sampler, prompts: list[str], path: Path, seed: int) -
 
 def _rewrite_metrics(path: Path, records: list[dict]) -> None:
     """Keeps only `records` in metrics.jsonl (steps after the restored checkpoint are redone)."""
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        write_jsonl(records, path)

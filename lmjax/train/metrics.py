@@ -52,19 +52,6 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(jsonl_path: Path) -> list[dict]:
-    """Records of metrics.jsonl (a torn last line from a killed run is ignored)."""
-    if not jsonl_path.exists():
-        return []
-    records = []
-    for line in jsonl_path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

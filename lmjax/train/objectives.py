@@ -6,7 +6,6 @@ preference pairs against the frozen `init_from` run. Each returns an `Objective`
 """
 
 import functools
-import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -17,32 +16,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
-from lmjax.data.chat import read_chat
-from lmjax.data.loaders import Loaders
-from lmjax.data.pipeline import eval_batches, tokenize_conversations, tokenize_documents, train_iterator
-from lmjax.data.sources import read_documents
-from lmjax.data.tokenizer import Tokenizer
 from lmjax.eval.baselines import unigram_bpb
-from lmjax.train.dpo import (
-    dpo_eval_step,
-    dpo_step,
-    encode_pairs,
-    eval_pair_batches,
-    evaluate_pairs,
-    pair_batches,
-    read_pairs,
-    split_heldout,
-)
+from lmjax.eval.lm import eval_step, lm_metrics
+from lmjax.input.loaders import Loaders
+from lmjax.input.packing import eval_batches, train_iterator
+from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, split_heldout
+from lmjax.input.specs import load_chunks, load_pairs
+from lmjax.text.tokenizer import Tokenizer
+from lmjax.train.dpo import dpo_eval_step, dpo_step, evaluate_pairs
 from lmjax.train.metrics import log
-from lmjax.train.step import eval_step, train_step
-from lmjax.workdir import init_params_from
-
-
-def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
-    """Training chunks of a source: documents, or conversations (`chat:...`) with assistant-only loss."""
-    if spec.startswith("chat:"):
-        return tokenize_conversations(read_chat(spec[len("chat:"):]), tokenizer, seq_len)
-    return tokenize_documents(read_documents(spec), tokenizer, seq_len)
+from lmjax.train.step import train_step
 
 
 class BatchShardings(NamedTuple):
@@ -50,6 +33,17 @@ class BatchShardings(NamedTuple):
     train: NamedSharding
     eval: NamedSharding
     replicated: NamedSharding
+
+
+class RunContext(NamedTuple):
+    """What an objective is built from."""
+    cfg: ConfigDict
+    tokenizer: Tokenizer
+    graphdef: object  # nnx.GraphDef of the model
+    tx: object  # optax.GradientTransformation
+    state_sharding: dict  # shardings of the train state
+    shardings: BatchShardings
+    ref_params: dict | None  # DPO: the frozen reference (the init_from parameters), laid out like the params
 
 
 class Objective(NamedTuple):
@@ -62,9 +56,9 @@ class Objective(NamedTuple):
     result: dict  # extra entries of train()'s result
 
 
-def lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
-                 shardings: BatchShardings) -> Objective:
+def lm_objective(ctx: RunContext) -> Objective:
     """Next-token prediction on documents or conversations; validation loss, perplexity and bits per byte."""
+    cfg, tokenizer, graphdef, tx, state_sharding, shardings, _ = ctx
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
     start = time.time()
@@ -75,8 +69,10 @@ def lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_p
         f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
     baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
     log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
-    data_iter = make_loaders(cfg, lambda k, count, rows: train_iterator(train_chunks, seq_len, rows, t_cfg.seed,
-                                                                        k, count))
+    fingerprint = {"data": cfg.data.train, "chunks": len(train_chunks), "tokens": n_train_tokens,
+                   "tokenizer": tokenizer.fingerprint}
+    data_iter = make_loaders(cfg, fingerprint, lambda k, count, rows: train_iterator(train_chunks, seq_len, rows,
+                                                                                     t_cfg.seed, k, count))
     val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
@@ -86,14 +82,7 @@ def lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_p
                       in_shardings=(state_sharding["params"], shardings.eval, shardings.replicated))
 
     def evaluate(params) -> dict:
-        sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-        for batch in val_data:
-            out = eval_fn(params, global_batch(batch, shardings.eval), token_bytes)
-            sums = {k: sums[k] + out[k] for k in sums}
-        sums = jax.device_get(sums)
-        loss = float(sums["loss_sum"] / max(sums["tokens"], 1))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-                "val_bpb": float(sums["loss_sum"] / math.log(2) / max(sums["bytes"], 1))}
+        return lm_metrics(eval_fn, params, (global_batch(b, shardings.eval) for b in val_data), token_bytes)
 
     def describe(v: dict) -> str:
         return (f"val loss {v['val_loss']:.4f} | ppl {v['val_ppl']:.2f} | bpb {v['val_bpb']:.3f} "
@@ -102,21 +91,24 @@ def lm_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_p
     return Objective(data_iter, step_fn, evaluate, describe, 1, {"unigram_bpb": baseline_bpb})
 
 
-def dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_params, state_sharding,
-                  shardings: BatchShardings) -> Objective:
+def dpo_objective(ctx: RunContext) -> Objective:
     """DPO (lmjax/train/dpo.py) on the preference pairs of data.train against the frozen `init_from`
-    parameters; held out: the pairs of data.val, or every 10th pair of data.train if data.val is ""."""
+    parameters; held out: the pairs of data.val, or those of 10% of data.train's prompts if data.val is ""."""
+    cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params = ctx
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
-    pairs = read_pairs(cfg.data.train)
-    train_pairs, val_pairs = (pairs, read_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
-    log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs")
-    train_rows = encode_pairs(train_pairs, tokenizer, seq_len)
-    data_iter = make_loaders(cfg, lambda k, count, rows: pair_batches(train_rows, rows, t_cfg.seed, k, count))
+    pairs = load_pairs(cfg.data.train)
+    train_pairs, val_pairs = (pairs, load_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
+    train_rows, train_dropped = encode_pairs(train_pairs, tokenizer, seq_len)
+    val_rows, val_dropped = encode_pairs(val_pairs, tokenizer, seq_len)
+    log(f"data: {len(train_rows):,} train and {len(val_rows):,} held-out preference pairs kept; "
+        f"{train_dropped:,} and {val_dropped:,} dropped for a side longer than seq_len + 1 = {seq_len + 1} tokens")
+    fingerprint = {"data": cfg.data.train, "pairs": len(train_rows), "tokenizer": tokenizer.fingerprint}
+    data_iter = make_loaders(cfg, fingerprint, lambda k, count, rows: pair_batches(train_rows, rows, t_cfg.seed, k,
+                                                                                   count))
     val_data = [global_batch(b, shardings.eval) for b in eval_pair_batches(
-        val_pairs, tokenizer, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
+        val_rows, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
-    ref_params = init_params_from(cfg, with_sharding(abstract_params, params_sharding))
     step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta),
                    in_shardings=(state_sharding, params_sharding, shardings.train),
                    out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
@@ -131,10 +123,10 @@ def dpo_objective(cfg: ConfigDict, tokenizer: Tokenizer, graphdef, tx, abstract_
                      lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {})
 
 
-def make_loaders(cfg: ConfigDict, make) -> Loaders:
+def make_loaders(cfg: ConfigDict, fingerprint: dict, make) -> Loaders:
     """This process's share of the `data.loaders` train loaders built by `make(index, count, rows)`."""
     return Loaders(make, cfg.data.loaders, cfg.train.batch_size, cfg.train.grad_accum, jax.process_index(),
-                   jax.process_count())
+                   jax.process_count(), fingerprint)
 
 
 def with_sharding(abstract, shardings):

@@ -31,9 +31,9 @@ def decay_mask(params):
 
 
 def make_optimizer(train_cfg: ConfigDict) -> optax.GradientTransformation:
-    """The optimizer the train step applies (clip, then AdamW)."""
+    """The optimizer the train step applies: clip (or nothing when grad_clip is 0), then AdamW. The state
+    has the same structure either way, so a checkpoint restores whatever grad_clip is."""
     t = train_cfg
     adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
-    if t.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-    return adamw
+    clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)

@@ -1,4 +1,4 @@
-"""Pure, jittable training and evaluation steps.
+"""Pure, jittable training steps.
 
 A train state is a dict {'step', 'params', 'opt_state', 'rng'} of arrays. A batch is a dict of int32
 arrays `inputs`, `targets`, `segment_ids`, `positions` (and optionally `loss_mask`); train batches carry
@@ -14,32 +14,23 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from lmjax.model.config import ModelConfig
+from lmjax.model.loss import Batch, loss_weights, token_losses
 from lmjax.model.params import Params, init_params
 
 State = dict[str, Any]
-Batch = dict[str, jax.Array]
 
 
-def init_state(model_cfg: ConfigDict, tx: optax.GradientTransformation, seed: int) -> State:
-    """Step 0: fresh parameters, optimizer state and the RNG that drives dropout."""
-    param_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(model_cfg, param_rng)
+def init_state(model_cfg: ModelConfig | ConfigDict, tx: optax.GradientTransformation, seed: int) -> State:
+    """Step 0 of a new model: random parameters, their optimizer state and the RNG that drives dropout."""
+    param_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+    return start_state(init_params(model_cfg, param_rng), tx, seed)
+
+
+def start_state(params: Params, tx: optax.GradientTransformation, seed: int) -> State:
+    """Step 0 from given parameters (fine-tuning): their fresh optimizer state and the dropout RNG."""
+    _, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": dropout_rng}
-
-
-def loss_weights(batch: Batch) -> jax.Array:
-    """Which target positions count in the loss: `loss_mask` if given, else every non-padding token."""
-    if "loss_mask" in batch:
-        return batch["loss_mask"].astype(jnp.float32)
-    return (batch["segment_ids"] != 0).astype(jnp.float32)
-
-
-def token_losses(params: Params, graphdef: nnx.GraphDef, batch: Batch,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Per-token next-token cross-entropy (nats, float32), shape [batch, seq_len]."""
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
 def accumulated_update(state: State, batch: Batch, summed_loss: Callable, tx: optax.GradientTransformation,
@@ -82,16 +73,3 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
         return (losses * weights).sum(), {"tokens": weights.sum()}
 
     return accumulated_update(state, batch, summed_loss, tx, count_key="tokens")
-
-
-def eval_step(params: Params, batch: Batch, token_bytes: jax.Array, *,
-              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """Sums over one batch: loss (nats), counted tokens and the UTF-8 bytes those tokens decode to
-    (for bits per byte, which does not depend on the tokenizer)."""
-    weights = loss_weights(batch)
-    losses = token_losses(params, graphdef, batch)
-    return {
-        "loss_sum": (losses * weights).sum(),
-        "tokens": weights.sum(),
-        "bytes": (token_bytes[batch["targets"]] * weights).sum(),
-    }

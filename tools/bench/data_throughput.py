@@ -20,11 +20,12 @@ import jax
 import numpy as np
 
 from lmjax.config import load_config
-from lmjax.data.pipeline import tokenize_documents, train_iterator
-from lmjax.data.prepare import prepare, prepare_config
-from lmjax.data.sources import read_documents
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.corpus.prepare import prepare, prepare_config
+from lmjax.corpus.sources import read_documents
+from lmjax.input.chunks import tokenize_documents
+from lmjax.input.packing import train_iterator
 from lmjax.model.params import abstract_model
+from lmjax.text.tokenizer import Tokenizer
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_state, train_step
 
@@ -99,7 +100,7 @@ def main() -> None:
     print(f"peak memory: main process {own:,.0f} MB, largest worker {children:,.0f} MB")
 
     with tempfile.TemporaryDirectory() as tmp:
-        from lmjax.data.tokenizer import train_tokenizer
+        from lmjax.text.tokenizer import train_tokenizer
 
         tokenizer = train_tokenizer(read_documents("stdlib"), 4096, tmp)
     step_tps, b, length = step_tokens_per_sec(tokenizer.vocab_size)

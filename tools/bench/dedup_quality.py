@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lmjax.data.dedup import NearDedup, dedup_config  # noqa: E402
+from lmjax.corpus.dedup import NearDedup, dedup_config  # noqa: E402
 
 _WORD = re.compile(r"\w+")
 

@@ -22,11 +22,13 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from lmjax.config import base_config, head_dim, validate
+from lmjax.config import base_config, validate
+from lmjax.model.config import ModelConfig
+from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, flops_per_token
 from lmjax.train.metrics import measure_matmul_peak
 from lmjax.train.optim import make_optimizer
-from lmjax.train.step import init_state, token_losses, train_step
+from lmjax.train.step import init_state, train_step
 
 
 @dataclass
@@ -131,7 +133,7 @@ def breakdown_lmjax(cfg: ConfigDict, args: argparse.Namespace) -> dict[str, floa
     full = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=False))
     full_batch = {k: v[None] for k, v in micro.items()}
 
-    b, t, h, hd = args.batch, args.seq_len, m.num_heads, head_dim(m)
+    b, t, h, hd = args.batch, args.seq_len, m.num_heads, ModelConfig.from_config(m).head_dim
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v = (jax.random.normal(key, (b, t, h, hd), dtype) for key in keys[:3])
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]

@@ -1,7 +1,14 @@
-"""SentencePiece tokenizer with exact round-trips, byte fallback and chat special tokens."""
+"""SentencePiece tokenizer with exact round-trips, byte fallback and chat special tokens.
 
+The chat markers are SentencePiece control pieces: only `encode_chat` puts them in by id, so no text
+(a user's message included) encodes to them. A saved tokenizer is `tokenizer.model` plus
+`tokenizer_format.json` holding {"format": FORMAT}.
+"""
+
+import hashlib
 import io
 import itertools
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -9,7 +16,17 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from lmjax.config import DataError
+from lmjax.text.io import atomic_write
+
 MODEL_FILE = "tokenizer.model"
+FORMAT_FILE = "tokenizer_format.json"
+# 1: the chat markers were user-defined pieces, which SentencePiece cuts out of any text (prompt injection);
+# 2: they are control pieces, which no text encodes to.
+FORMAT = 2
+RETRAIN = ("train a new one (`lmjax tokenizer train`, or delete it and rerun `lmjax data prepare`) "
+           "and start a new run with it")
+SPACE_MARK = "\u2581"  # SentencePiece's stand-in for " ": decode turns it into a space
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_CHARS = 2048  # documents are cut at line breaks into training sentences this long
@@ -37,47 +54,57 @@ def training_sentences(docs: Iterable[str], max_chars: int = MAX_SENTENCE_CHARS)
 
 
 class Tokenizer:
-    """A trained SentencePiece model; `encode` never adds BOS/EOS."""
+    """A trained SentencePiece model; `encode` never adds BOS/EOS and never yields a control id."""
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
         except (RuntimeError, OSError):
-            raise ValueError(f"{source} is not a valid SentencePiece model file") from None
+            raise DataError(f"{source} is not a valid SentencePiece model file") from None
         self.model_proto = model_proto
         self._special_ids = {tok: self.sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
         if any(i == self.sp.unk_id() for i in self._special_ids.values()):
-            raise ValueError(f"{source} lacks the chat special tokens {SPECIAL_TOKENS}")
-        n = self.sp.get_piece_size()
-        self._hidden = np.array([self.sp.is_control(i) for i in range(n)])
-        self._hidden[list(self._special_ids.values())] = True
+            raise DataError(f"{source} lacks the chat special tokens {SPECIAL_TOKENS}")
+        if not all(self.sp.is_control(i) for i in self._special_ids.values()):
+            raise DataError(f"{source} is an old-format tokenizer (format 1): text can produce its chat markers "
+                            f"(prompt injection); {RETRAIN}")
+        self._space_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
+        if not all(self.sp.is_byte(i) for i in self._space_mark_ids):
+            raise DataError(f"{source} has no byte-fallback pieces, so it cannot encode every text; {RETRAIN}")
+        self._hidden = np.array([self.sp.is_control(i) for i in range(self.sp.get_piece_size())])
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load `path/tokenizer.model` (or `path` itself if it is a file)."""
+        """Load `path/tokenizer.model` (or `path` itself if it is a file); DataError for a tokenizer
+        that is unreadable or of another format."""
         path = Path(path)
         if path.is_dir():
             path = path / MODEL_FILE
         try:
             proto = path.read_bytes()
         except OSError as e:
-            raise ValueError(f"cannot read tokenizer model {path}: {e.strerror or e}") from None
+            raise DataError(f"cannot read tokenizer model {path}: {e.strerror or e}") from None
+        _check_format_file(path.with_name(FORMAT_FILE))
         return cls(proto, source=str(path))
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the model to `out_dir/tokenizer.model` and return that path."""
+        """Write the model to `out_dir/tokenizer.model` and its format to `out_dir/tokenizer_format.json`;
+        return the model's path."""
         path = Path(out_dir) / MODEL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.model_proto)
-        os.replace(tmp, path)
+        atomic_write(path, self.model_proto)
+        atomic_write(path.with_name(FORMAT_FILE), json.dumps({"format": FORMAT}) + "\n")
         return path
 
     @property
     def special_ids(self) -> dict[str, int]:
         """Ids of the chat special tokens, e.g. {"<|user|>": 5}."""
         return dict(self._special_ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the model file: equal fingerprints, identical tokenization."""
+        return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:
@@ -96,10 +123,22 @@ class Tokenizer:
         return self.sp.eos_id()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text, out_type=int)
+        """Token ids of `text`; `decode` gives back exactly `text`."""
+        return self._join([self.sp.encode(part, out_type=int) for part in text.split(SPACE_MARK)])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+        """`encode` of each text, on all cores."""
+        parts = [text.split(SPACE_MARK) for text in texts]
+        flat = iter(self.sp.encode([p for ps in parts for p in ps], out_type=int, num_threads=os.cpu_count() or 1))
+        return [self._join([next(flat) for _ in ps]) for ps in parts]
+
+    def _join(self, parts: list[list[int]]) -> list[int]:
+        """The ids of text pieces that were cut at SPACE_MARK, with the mark spelled in byte pieces between
+        them (as a piece, SentencePiece would decode it to a space)."""
+        ids = parts[0]
+        for part in parts[1:]:
+            ids += self._space_mark_ids + part
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Decode ids to text, dropping pad/bos/eos, the chat special tokens and out-of-vocab ids."""
@@ -114,7 +153,7 @@ class Tokenizer:
             if self.sp.is_byte(i):
                 out[i] = 1
             elif not (self._hidden[i] or self.sp.is_unknown(i) or self.sp.is_unused(i)):
-                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode())
+                out[i] = len(self.sp.id_to_piece(i).replace(SPACE_MARK, " ").encode())
         return out
 
 
@@ -122,8 +161,8 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
     """Train a SentencePiece model of type `kind` (bpe, unigram or char) on `docs`.
 
     Identity normalisation plus byte fallback make `decode(encode(text)) == text`
-    for any text; ids are pad=0, unk=1, bos=2, eos=3, then the chat special tokens.
-    Writes `out_dir/tokenizer.model`.
+    for any text; ids are pad=0, unk=1, bos=2, eos=3, then the chat special tokens as control pieces.
+    Saves the tokenizer to `out_dir` (see `Tokenizer.save`).
     """
     if kind not in ("bpe", "unigram", "char"):
         raise ValueError(f"unknown tokenizer kind {kind!r}; use bpe, unigram or char")
@@ -149,17 +188,34 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
                 unk_id=UNK_ID,
                 bos_id=BOS_ID,
                 eos_id=EOS_ID,
-                user_defined_symbols=list(SPECIAL_TOKENS),
+                control_symbols=list(SPECIAL_TOKENS),
                 max_sentence_length=4 * MAX_SENTENCE_CHARS,
                 input_sentence_size=MAX_TRAIN_SENTENCES,
                 shuffle_input_sentence=True,
                 num_threads=os.cpu_count() or 1,
             )
         except RuntimeError as e:
-            raise ValueError(f"tokenizer training failed (is the corpus empty?): {e}") from None
+            raise DataError(f"tokenizer training failed (is the corpus empty?): {e}") from None
     tokenizer = Tokenizer(proto.getvalue())
     tokenizer.save(out_dir)
     return tokenizer
+
+
+def _check_format_file(path: Path) -> None:
+    """DataError unless the format file `path` is missing (a bare model file: its piece types decide)
+    or says FORMAT."""
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if type(found) is not int:
+        raise DataError(f"{path} is unreadable (expected {{\"format\": {FORMAT}}}); {RETRAIN}")
+    if found > FORMAT:
+        raise DataError(f"{path}: tokenizer format {found} is newer than this lmjax reads ({FORMAT}); upgrade lmjax")
+    if found != FORMAT:
+        raise DataError(f"{path}: tokenizer format {found} is no longer supported (lmjax needs {FORMAT}); {RETRAIN}")
 
 
 def tokenizer_stats(tokenizer: Tokenizer, docs: Iterable[str], batch: int = 1000) -> dict[str, float]:

@@ -24,16 +24,15 @@ mix[/cycle][/seed=N]:SPEC[@W]|SPEC[@W]|...
 "tfds:NAME/SPLIT:INDEX", "stdlib:SPLIT:INDEX"). Memory stays bounded whatever the corpus size (only
 the list of matching file names grows with it): JSONL files and text files over MAX_DOC_BYTES are read
 line by line, skipping lines over MAX_LINE_CHARS without holding them; Parquet is read by batches.
-The per-format readers and these limits live in `lmjax.data.readers`.
+The per-format readers and these limits live in `lmjax.corpus.readers`.
 
 Bad input never stops iteration. Each skipped input is counted under one reason of `SKIP_REASONS`;
 `invalid_utf8` counts documents that were kept with the bad bytes replaced by U+FFFD. Configuration
-mistakes still raise ValueError: a malformed spec, a glob matching nothing, a Parquet column that is
-missing or not text, a JSONL file whose JSON objects never hold FIELD.
+mistakes still raise `DataError` (a ValueError): a malformed spec, a glob matching nothing, a Parquet
+column that is missing or not text, a JSONL file whose JSON objects never hold FIELD.
 """
 
 import glob
-import hashlib
 import math
 import os
 import random
@@ -44,7 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmjax.data.readers import (
+from lmjax.config import DataError
+from lmjax.corpus.readers import (
     BadInput,
     Document,
     is_text_feature,
@@ -53,8 +53,9 @@ from lmjax.data.readers import (
     text_records,
     tfds_records,
 )
-from lmjax.data.shards import iter_split, parse_prepared
-from lmjax.data.stdlib_corpus import stdlib_documents
+from lmjax.corpus.shards import iter_split, parse_prepared
+from lmjax.corpus.stdlib_docs import stdlib_documents
+from lmjax.text.io import hash_unit
 
 VALID_SPECS = (
     "stdlib, stdlib:val, stdlib:all, DIR[:val] (prepared), "
@@ -66,10 +67,6 @@ VAL_MIN_CHARS = 160_000  # ~40k tokens at ~4 chars/token
 MAX_WARNINGS = 20  # read_documents warns about this many bad inputs, then sums up the rest
 
 
-def _text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
 def split_train_val(
     docs: list[str], fraction: float = VAL_FRACTION, min_chars: int = VAL_MIN_CHARS
 ) -> tuple[list[str], list[str]]:
@@ -79,7 +76,7 @@ def split_train_val(
     of the documents and at least `min_chars` characters (or half the corpus).
     Identical texts always land on the same side.
     """
-    by_hash = sorted(range(len(docs)), key=lambda i: (_text_hash(docs[i]), i))
+    by_hash = sorted(range(len(docs)), key=lambda i: (hash_unit(docs[i]), i))
     val_ids, chars = set(), 0
     for i in by_hash:
         enough = len(val_ids) >= fraction * len(docs) and chars >= min_chars
@@ -93,8 +90,8 @@ def split_train_val(
     return train, val
 
 
-def _bad_spec(spec: str, why: str) -> ValueError:
-    return ValueError(f"bad data source {spec!r}: {why}; valid forms are: {VALID_SPECS}")
+def _bad_spec(spec: str, why: str) -> DataError:
+    return DataError(f"bad data source {spec!r}: {why}; valid forms are: {VALID_SPECS}")
 
 
 def _glob(spec: str, pattern: str) -> list[Path]:
@@ -211,7 +208,7 @@ def iter_records(
 
     Every bad input adds one to `stats[reason]` (reasons: SKIP_REASONS) and is passed to
     `on_bad_input(reason, ident)`. A malformed spec or a glob that matches no file raises
-    ValueError right away.
+    `DataError` right away.
     """
 
     def bad(reason: str, ident: str) -> None:
@@ -256,7 +253,7 @@ def _texts(records: Iterator[Document], skipped: Counter) -> Iterator[str]:
 def read_documents(spec: str) -> Iterator[str]:
     """Iterate over the texts of the source `spec` (see the module docstring).
 
-    A malformed spec or a glob that matches no file raises ValueError right away.
+    A malformed spec or a glob that matches no file raises `DataError` right away.
     Skipped inputs other than empty ones are reported as warnings (the first MAX_WARNINGS
     one by one, the rest summed up at the end); use `iter_records` to count them instead.
     """

@@ -5,11 +5,12 @@
 A shard is written under a temporary name and renamed when complete, so readers never see a partial one.
 """
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from lmjax.text.io import atomic_output
 
 SPLITS = ("train", "val")
 
@@ -21,13 +22,13 @@ def shard_paths(out: str | Path, split: str) -> list[Path]:
 
 def write_shard(path: Path, texts: list[str]) -> None:
     """Writes one shard atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    for text in texts:
-        writer.write(text.encode("utf-8"))
-    writer.close()
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        try:
+            for text in texts:
+                writer.write(text.encode("utf-8"))
+        finally:
+            writer.close()
 
 
 def iter_split(out: str | Path, split: str) -> Iterator[str]:

@@ -10,7 +10,7 @@ interrupted run resumes with identical decisions.
   Jaccard similarity estimated from the full signatures to confirm each candidate.
 - `Decontaminator`: flags documents that share a long word n-gram with evaluation texts.
 
-Near-duplicates and n-grams are over words as `lmjax.data.minhash` defines them, so whitespace,
+Near-duplicates and n-grams are over words as `lmjax.corpus.minhash` defines them, so whitespace,
 punctuation and markup do not matter.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from lmjax.data.minhash import (
+from lmjax.config import ConfigError, DataError
+from lmjax.corpus.minhash import (
     CHUNK_DOCS,
     MASK32,
     BucketTable,
@@ -34,6 +35,7 @@ from lmjax.data.minhash import (
     ngram_hashes,
     word_hashes,
 )
+from lmjax.text.io import atomic_output
 
 KEY_BYTES = 16  # exact-duplicate key size: collisions are negligible even for billions of documents
 CHUNK_PAIRS = 65536  # candidate pairs whose signatures are compared at once
@@ -73,11 +75,9 @@ def exact_key(text: str) -> bytes:
 
 
 def _save_npz(path: str | Path, state: dict[str, np.ndarray]) -> None:
-    """Write `state` to `path` atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **state)
-    os.replace(tmp, path)
+    """Write `state` to `path` atomically."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **state)  # to a file object: given a name, numpy would append ".npz" to it
 
 
 def _load_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -145,7 +145,7 @@ class NearDedup:
     ):
         """`bands`/`rows` 0 = chosen by `lsh_params` (one of them 0: num_perm // the other)."""
         if num_perm < 1 or shingle < 1 or bands < 0 or rows < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"need num_perm >= 1, shingle >= 1, bands/rows >= 0; got {num_perm}, {shingle}, {bands}, {rows}"
             )
         auto_bands, auto_rows = lsh_params(threshold, num_perm)
@@ -156,7 +156,7 @@ class NearDedup:
         elif not bands:
             bands, rows = auto_bands, auto_rows
         if not 1 <= bands * rows <= num_perm:
-            raise ValueError(f"bands * rows = {bands} * {rows} must be in [1, num_perm = {num_perm}]")
+            raise ConfigError(f"bands * rows = {bands} * {rows} must be in [1, num_perm = {num_perm}]")
         self.threshold, self.num_perm, self.shingle, self.seed = float(threshold), num_perm, shingle, seed
         self.bands, self.rows = bands, rows
         self._signatures = np.zeros((0, num_perm), np.uint16)
@@ -267,12 +267,12 @@ class NearDedup:
 
 
 def _glob_files(patterns: str) -> list[str]:
-    """Sorted files matching comma-separated globs; ValueError naming a glob that matches no file."""
+    """Sorted files matching comma-separated globs; `DataError` naming a glob that matches no file."""
     files: set[str] = set()
     for pattern in filter(None, (p.strip() for p in patterns.split(","))):
         matched = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
         if not matched:
-            raise ValueError(f"decontamination glob {pattern!r} matches no file")
+            raise DataError(f"decontamination glob {pattern!r} matches no file")
         files.update(matched)
     return sorted(files)
 
@@ -286,7 +286,7 @@ class Decontaminator:
 
     def __init__(self, eval_texts: Iterable[str], ngram: int = 13):
         if ngram < 1:
-            raise ValueError(f"ngram must be >= 1, got {ngram}")
+            raise ConfigError(f"ngram must be >= 1, got {ngram}")
         self.ngram = ngram
         texts, parts = list(eval_texts), [np.zeros(0, np.uint64)]
         for lo in range(0, len(texts), CHUNK_DOCS):

@@ -40,9 +40,12 @@ class Loaders:
     does not depend on the process count."""
 
     def __init__(self, make: MakeLoader, count: int, batch_size: int, micro_batches: int, process_index: int,
-                 process_count: int):
+                 process_count: int, fingerprint: dict[str, Any] | None = None):
+        """`fingerprint` names the data the loaders read (spec, sizes, tokenizer); a checkpoint of other data
+        is refused on restore."""
         per_process = count // process_count
         self.count, self.micro_batches = count, micro_batches
+        self.fingerprint = {"loaders": count, **(fingerprint or {})}
         self.ids = list(range(process_index * per_process, (process_index + 1) * per_process))
         self.iterators = [make(k, count, batch_size // count) for k in self.ids]
 
@@ -56,10 +59,11 @@ class Loaders:
                 .reshape(-1, *batches[0][key].shape[1:]) for key in batches[0]}
 
     def state(self) -> dict[str, Any]:
-        """{"loaders": count, "states": {loader id: state}} of every process's loaders (a collective)."""
+        """{"loaders": count, "fingerprint": {...}, "states": {loader id: state}} of every process's loaders
+        (a collective)."""
         local = {str(k): it.get_state() for k, it in zip(self.ids, self.iterators, strict=True)}
         states = {k: v for part in allgather_json(local) for k, v in part.items()}
-        return {"loaders": self.count, "states": states}
+        return {"loaders": self.count, "fingerprint": self.fingerprint, "states": states}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Moves this process's loaders to their positions in `saved` (from `state()`)."""
@@ -67,5 +71,14 @@ class Loaders:
             raise ConfigError(f"the checkpoint was written with {saved['loaders']} data loaders but data.loaders "
                               f"is {self.count}: set data.loaders={saved['loaders']} to resume it (the data order "
                               f"depends on it)")
+        saved_print = saved.get("fingerprint")
+        if saved_print is None:
+            raise ConfigError("the checkpoint's data loader positions carry no fingerprint of their data (written by "
+                              "an older lmjax), so they cannot be checked against this run's data; start a new run "
+                              "with --config.init_from to continue from its parameters")
+        changed = {k: (saved_print.get(k), v) for k, v in self.fingerprint.items() if saved_print.get(k) != v}
+        if changed:
+            raise ConfigError("the checkpoint's data loader positions belong to other data: "
+                              + ", ".join(f"{k} {a!r} (checkpoint) != {b!r} (now)" for k, (a, b) in changed.items()))
         for k, it in zip(self.ids, self.iterators, strict=True):
             it.set_state(saved["states"][str(k)])

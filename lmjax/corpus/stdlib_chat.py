@@ -4,7 +4,7 @@ Built with zero downloads from what the interpreter already has: docstrings (wha
 function does), `inspect.signature` (how to call it), `__module__` (where it lives) and the
 `pydoc_data.topics` help pages (keywords and statements), plus identity questions and polite refusals
 of clearly harmful requests. Every question type has many phrasings (the tables are in
-`lmjax.data.chat_phrasings`), and conversations stay short (well under 200 tokens) so a
+`lmjax.corpus.chat_phrasings`), and conversations stay short (well under 200 tokens) so a
 ~5M-parameter model with a 256-token context can learn them.
 
 The held-out split is chosen per module by a hash of its name, so evaluation asks about modules never
@@ -12,7 +12,6 @@ seen in fine-tuning. Point `build_chat_dataset` at your own packages to make a d
 """
 
 import contextlib
-import hashlib
 import importlib
 import inspect
 import io
@@ -26,8 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from lmjax.data.chat import Message, check_conversation, write_conversations
-from lmjax.data.chat_phrasings import (
+from lmjax.corpus.chat_phrasings import (
     FOLLOW_CONTENTS,
     FOLLOW_MODULE,
     FOLLOW_SIGNATURE,
@@ -46,9 +44,11 @@ from lmjax.data.chat_phrasings import (
     WHAT_DOES,
     WHICH_MODULE,
 )
-from lmjax.data.stdlib_corpus import _write_atomic, cache_dir
+from lmjax.corpus.stdlib_docs import cache_dir
+from lmjax.text.chat_template import Message, check_conversation, write_conversations
+from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 1  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 2  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
@@ -68,14 +68,9 @@ SKIP_MODULES = {
 GENERIC_DOCS = {"An enumeration.", "Create and return a new object.  See help(type) for accurate signature."}
 
 
-def _hash_unit(text: str) -> float:
-    """A stable number in [0, 1) from `text` (unlike `hash`, the same in every process)."""
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
-
-
 def is_heldout(module_name: str, heldout_fraction: float) -> bool:
     """Whether `module_name` belongs to the held-out split (a deterministic hash of the name)."""
-    return _hash_unit(module_name) < heldout_fraction
+    return hash_unit(module_name) < heldout_fraction
 
 
 def _skipped(name: str) -> bool:
@@ -337,7 +332,7 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
     split["train"] = [c for c in split["train"] if not _dotted_names(c) & heldout_names]
     split["train"] += keyword_conversations(rng)
     for conversation in identity_conversations(rng) + refusal_conversations(rng):
-        heldout = _hash_unit("phrasing:" + _first_user(conversation)) < heldout_fraction
+        heldout = hash_unit("phrasing:" + _first_user(conversation)) < heldout_fraction
         split["heldout" if heldout else "train"].append(conversation)
     for conversations in split.values():
         rng.shuffle(conversations)
@@ -379,23 +374,13 @@ def build_chat_dataset(modules: Sequence[str] | None = None, heldout_fraction: f
     split = generate_chat_dataset(stdlib_modules(), heldout_fraction, seed, max_per_module)
     lines = [json.dumps({"split": s, "messages": c}, ensure_ascii=False) for s, cs in split.items() for c in cs]
     try:
-        _write_atomic(path, "\n".join(lines) + "\n")
+        atomic_write(path, "\n".join(lines) + "\n")
     except OSError as e:
         warnings.warn(f"could not cache the chat dataset at {path}: {e}", stacklevel=2)
     return split
 
 
-def qa_pairs(conversations: Sequence[Conversation]) -> list[tuple[Conversation, str]]:
-    """(prompt messages before the last assistant turn, that turn's content) for evaluation."""
-    pairs = []
-    for conversation in conversations:
-        last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
-        if last is not None:
-            pairs.append((list(conversation[:last]), conversation[last]["content"]))
-    return pairs
-
-
-def main_chat_data(out: str, packages: list[str] | None = None,
+def write_chat_dataset(out: str, packages: list[str] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, int]:
     """Write `out/train.jsonl` and `out/heldout.jsonl` for `packages` (default: the stdlib); returns counts."""
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Document cleaning: text normalisation, heuristic quality filters and a harmful-content blocklist.
+"""Document cleaning: text normalisation and heuristic quality filters (the blocklist is lmjax/text/blocklist.py).
 
 Every step is switchable and every threshold lives in `clean_config()`. The quality rules follow
 the published web-corpus heuristics (Gopher's word-count, word-length, symbol, alphabetic-word and
@@ -10,13 +10,9 @@ count the reasons they return.
 import re
 import unicodedata
 from collections import Counter
-from importlib import resources
-from pathlib import Path
 
 from ml_collections import ConfigDict
 
-DEFAULT_BLOCKLIST = "blocklist.txt"  # package data next to this module
-REGEX_PREFIX = "re:"
 TERMINAL_PUNCT = tuple(".!?:;\"'”’»)…。！？")  # a line "ends a sentence" if it ends with one of these
 
 _LINE_BREAKS = re.compile(r"\r\n?|[\x85\u2028\u2029]")
@@ -133,92 +129,3 @@ def quality_issue(text: str, cfg: ConfigDict) -> str | None:
             if frac == 0:  # no n-gram repeats, so no longer one does
                 break
     return None
-
-
-def _term_body(term: str, is_regex: bool) -> str:
-    """Regex source for one blocklist entry: a literal phrase (any whitespace between words) or a regex."""
-    return term if is_regex else r"\s+".join(map(re.escape, term.split()))
-
-
-def _whole_words(body: str) -> str:
-    return rf"(?<!\w)(?:{body})(?!\w)"
-
-
-def check_pattern(pattern: str, where: str) -> None:
-    """ValueError naming `where` unless `pattern` compiles and cannot match the empty string."""
-    try:
-        compiled = re.compile(_whole_words(pattern), re.IGNORECASE)
-    except re.error as e:
-        raise ValueError(f"{where}: invalid blocklist regex {pattern!r}: {e}") from None
-    if compiled.fullmatch(""):
-        raise ValueError(f"{where}: blocklist regex {pattern!r} matches the empty string")
-
-
-class Blocklist:
-    """Whole-word, case-insensitive matcher for harmful words, phrases and regular expressions.
-
-    All entries are compiled into one regex. Literal phrases are tried first, longest first (so a
-    phrase wins over a word it contains), then the regexes in order; regexes may use groups but not
-    numbered back-references.
-    """
-
-    def __init__(self, words: tuple[str, ...] = (), patterns: tuple[str, ...] = ()):
-        """Compile literal `words`/phrases and regex `patterns`; ValueError naming a bad pattern."""
-        for i, pattern in enumerate(patterns):
-            check_pattern(pattern, f"blocklist pattern {i}")
-        normalized = (" ".join(w.split()).lower() for w in words)
-        self.words = tuple(dict.fromkeys(w for w in normalized if w))
-        self.patterns = tuple(dict.fromkeys(patterns))
-        entries = [(w, False) for w in sorted(self.words, key=len, reverse=True)] + [(p, True) for p in self.patterns]
-        self.terms = tuple(REGEX_PREFIX + t if is_regex else t for t, is_regex in entries)
-        alternatives = "|".join(f"(?P<_b{i}>{_term_body(t, is_regex)})" for i, (t, is_regex) in enumerate(entries))
-        try:
-            self.regex = re.compile(_whole_words(alternatives) if entries else "(?!)", re.IGNORECASE)
-        except re.error as e:  # e.g. two patterns defining the same group name
-            raise ValueError(f"blocklist patterns cannot be combined into one regex: {e}") from None
-
-    @classmethod
-    def from_lines(cls, lines: list[str], source: str) -> "Blocklist":
-        """Parse blocklist-file lines (`# comment`, phrase, `re:PATTERN`); errors name `source:LINE`."""
-        words, patterns = [], []
-        for number, raw in enumerate(lines, start=1):
-            line = raw.strip()
-            if line.startswith(REGEX_PREFIX):
-                check_pattern(line[len(REGEX_PREFIX) :], f"{source}:{number}")
-                patterns.append(line[len(REGEX_PREFIX) :])
-            elif line and not line.startswith("#"):
-                words.append(line)
-        return cls(tuple(words), tuple(patterns))
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Blocklist":
-        """Read a blocklist file; ValueError naming `path` if it cannot be read or parsed."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read blocklist file {str(path)!r}: {e}") from None
-        return cls.from_lines(text.splitlines(), str(path))
-
-    @classmethod
-    def default(cls) -> "Blocklist":
-        """The built-in list shipped as `lmjax/data/blocklist.txt`."""
-        text = resources.files(__package__).joinpath(DEFAULT_BLOCKLIST).read_text(encoding="utf-8")
-        return cls.from_lines(text.splitlines(), DEFAULT_BLOCKLIST)
-
-    @classmethod
-    def from_config(cls, cfg: ConfigDict) -> "Blocklist":
-        """The list a `blocklist` config section describes (file or default, plus extras); empty if disabled."""
-        if not cfg.enabled:
-            return cls()
-        for i, pattern in enumerate(cfg.patterns):
-            check_pattern(pattern, f"blocklist.patterns[{i}]")
-        base = cls.from_file(cfg.path) if cfg.path else cls.default()
-        return cls(base.words + tuple(cfg.words), base.patterns + tuple(cfg.patterns))
-
-    def match(self, text: str) -> str | None:
-        """The entry matching earliest in `text` (as listed, lower-cased; regexes as `re:PATTERN`), or None."""
-        m = self.regex.search(text)
-        return None if m is None else self.terms[int(m.lastgroup[2:])]
-
-    def __len__(self) -> int:
-        return len(self.terms)

@@ -1,22 +1,32 @@
 """Orbax checkpoints of the train state and the data iterator, written together per step.
 
 Each checkpoint holds three items: `params` (what sampling needs), `train` (step, optimizer state,
-RNG) and `loaders` (JSON: the position of every data loader of every process, lmjax/data/loaders.py,
+RNG) and `loaders` (JSON: the position of every data loader of every process, lmjax/input/loaders.py,
 written by the primary process only). Saves are asynchronous; Orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous checkpoints intact.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import orbax.checkpoint as ocp
 
-from lmjax.data.loaders import Loaders
-from lmjax.train.step import State
+from lmjax.config import LmjaxError
+
+State = Mapping[str, Any]  # {"step", "params", "opt_state", "rng"}
 
 
-class CheckpointError(RuntimeError):
+class Loaders(Protocol):
+    """Data loaders whose positions travel with a checkpoint (lmjax/input/loaders.py)."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, saved: dict[str, Any]) -> None: ...
+
+
+class CheckpointError(LmjaxError, RuntimeError):
     """A checkpoint directory or step that cannot be read."""
 
 
@@ -47,7 +57,7 @@ class Checkpointer:
     def restore(self, abstract_state: State, loaders: Loaders | None = None, step: int | None = None) -> State:
         """The state at `step` (default: latest) laid out like `abstract_state` (shapes and shardings);
         moves this process's `loaders` to their saved positions."""
-        step = self._step(step)
+        step = self.resolve_step(step)
         items = {
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train": ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
@@ -66,18 +76,22 @@ class Checkpointer:
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Only the parameters (for sampling and fine-tuning)."""
-        step = self._step(step)
+        step = self.resolve_step(step)
         return self._restore(step, {"params": ocp.args.StandardRestore(abstract_params)})["params"]
 
-    def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
+        """Waits for pending saves, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _step(self, step: int | None) -> int:
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step` if a complete checkpoint has it, the latest if `step` is None; CheckpointError otherwise."""
         steps = self.manager.all_steps()
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from lmjax.config import REMAT_POLICIES, ConfigError, head_dim, kv_heads, validate
+from lmjax.config import REMAT_POLICIES, ConfigError, validate
+from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_specs
@@ -37,7 +38,8 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     """Estimated peak per-device bytes of activations for one micro-batch of `micro_batch` sequences (all
     shards together) under the rematerialisation policy `remat`; an analytic model, not a measurement.
 
-    B micro-batch, T seq_len, D d_model, H / K query / key-value heads of width hd, F d_ff, V vocab, L layers;
+    B micro-batch, T seq_len, D d_model, H / K query / key-value heads of width hd, F d_ff, V padded vocab,
+    L layers;
     s bytes of the compute dtype, 4 of float32. Each tensor is counted per device as the sharding rules
     split it (batch over the `batch` axes; heads, kv_heads, mlp and vocab over theirs). Kept per block for
     the backward pass:
@@ -60,10 +62,10 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     reuses buffers and orders the backward pass its own way, so the compiled peak is within about 0.5x-2x
     of this (tests/test_plan.py compares it with `memory_analysis()` on CPU).
     """
-    m, rules = cfg.model, dict(cfg.mesh.rules)
+    m, rules = ModelConfig.from_config(cfg.model), dict(cfg.mesh.rules)
     s = jnp.dtype(m.dtype).itemsize
-    B, T, D, F, V = micro_batch, m.seq_len, m.d_model, m.d_ff, m.vocab_size
-    H, K, hd = m.num_heads, kv_heads(m), head_dim(m)
+    B, T, D, F, V = micro_batch, m.seq_len, m.d_model, m.d_ff, m.padded_vocab
+    H, K, hd = m.num_heads, m.num_kv_heads, m.head_dim
 
     def per_device(shape: tuple[int, ...], axes: tuple[str | None, ...], itemsize: float) -> float:
         return _shard_elements(shape, logical_to_spec(axes, rules, sizes, shape), sizes) * itemsize
@@ -93,8 +95,8 @@ def recompute_flops_per_token(cfg: ConfigDict, params, remat: str) -> float:
     """Extra forward FLOPs per token that the backward pass spends recomputing under `remat`: none
     ("nothing"), the attention score and value matmuls ("dots"), or every block matmul but the MLP's output
     projection, whose result the backward pass never needs ("full")."""
-    m = cfg.model
-    attention = 4 * m.num_layers * m.num_heads * head_dim(m) * m.seq_len
+    m = ModelConfig.from_config(cfg.model)
+    attention = 4 * m.num_layers * m.num_heads * m.head_dim * m.seq_len
     if remat == "nothing":
         return 0.0
     if remat == "dots":
@@ -105,20 +107,37 @@ def recompute_flops_per_token(cfg: ConfigDict, params, remat: str) -> float:
     return float(2 * m.num_layers * (per_block - math.prod(mlp_out.shape)) + attention)
 
 
+def _with_vocab(cfg: ConfigDict) -> ConfigDict:
+    """`cfg`, or a copy whose unset model.vocab_size (decided by the tokenizer at the first start) is
+    tokenizer.vocab_size."""
+    if cfg.model.vocab_size > 0:
+        return cfg
+    cfg = ConfigDict(cfg.to_dict())
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size
+    return cfg
+
+
+def check_sharding(cfg: ConfigDict, sizes: dict[str, int]) -> list[str]:
+    """`check_model_fits_mesh` for the parameters of `cfg`'s model on a mesh of `sizes` under `mesh.rules`:
+    raises ConfigError if a mesh axis does not divide a tensor-parallel axis (heads, key/value heads, d_ff);
+    returns a log line for each other sharding dropped. Builds only shapes, so it runs before any data is
+    read; an unset model.vocab_size counts as tokenizer.vocab_size (the vocabulary the run will train)."""
+    _, shapes, axes = abstract_model(_with_vocab(cfg).model)
+    return check_model_fits_mesh(shapes, axes, dict(cfg.mesh.rules), sizes, TENSOR_PARALLEL_AXES)
+
+
 def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> dict:
     """Parameter count, training FLOPs (with remat's recomputation), per-device bytes of params / grads /
     optimizer state and the estimated activations of one micro-batch (see `activation_bytes`) for each
     remat policy. Given `device_memory_gb` (1 GB = 1e9 bytes), also whether the configured run fits and
     the largest train.batch_size that does (same grad_accum and remat, a multiple of the batch shards)."""
     validate(cfg)
-    if cfg.model.vocab_size <= 0:
-        cfg = ConfigDict(cfg.to_dict())
-        cfg.model.vocab_size = cfg.tokenizer.vocab_size
-    m, t = cfg.model, cfg.train
+    cfg = _with_vocab(cfg)
+    m, t = ModelConfig.from_config(cfg.model), cfg.train
     sizes = mesh_shape(cfg.mesh, num_devices)
-    check_model_fits_mesh(m, sizes)
     rules = dict(cfg.mesh.rules)
     _, params, axes = abstract_model(m)
+    dropped = check_model_fits_mesh(params, axes, rules, sizes, TENSOR_PARALLEL_AXES)
     state = jax.eval_shape(functools.partial(init_state, m, make_optimizer(t), 0))
     specs = tree_specs(sizes, rules, state, axes)
     param_bytes = _bytes_per_device(state["params"], specs["params"], sizes)
@@ -133,12 +152,17 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     shards, micro = batch_shards(rules, sizes), t.batch_size // t.grad_accum
     activations = {r: activation_bytes(cfg, sizes, micro, r, **weights) for r in REMAT_POLICIES}
 
+    # Parameters as allocated: the vocabulary's padding rows (and columns of an untied output projection)
+    # are counted here and in the FLOPs, which the output matmul spends on them too.
     n = count_params(params)
+    padding = (m.padded_vocab - m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2)
     fpt = flops_per_token(m, params)
     tokens_per_step = t.batch_size * m.seq_len
     flops_by_remat = {r: (fpt + recompute_flops_per_token(cfg, params, r)) * tokens_per_step for r in REMAT_POLICIES}
     result = {
         "params": n,
+        "vocab_padding_params": padding,
+        "padded_vocab": m.padded_vocab,
         "flops_per_token": fpt,
         "flops_per_step": flops_by_remat[m.remat],
         "flops_per_step_by_remat": flops_by_remat,
@@ -159,6 +183,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
         "activation_bytes_per_device": activations[m.remat],
         "activation_bytes_by_remat": activations,
         "total_bytes_per_device": state_bytes + activations[m.remat],
+        "dropped_shardings": dropped,
     }
     if device_memory_gb > 0:
         budget = device_memory_gb * 1e9
@@ -176,8 +201,11 @@ def format_plan(p: dict) -> str:
     gb = 1e9
     per_device = p["micro_batch"] / p["batch_shards"]
     lines = [
-        f"parameters:           {p['params']:,} ({p['params'] / 1e9:.3f} B)",
+        f"parameters:           {p['params']:,} ({p['params'] / 1e9:.3f} B"
+        + (f"; {p['vocab_padding_params']:,} pad the vocabulary to {p['padded_vocab']})"
+           if p["vocab_padding_params"] else ")"),
         f"mesh:                 {p['mesh']}; batch shards: {p['batch_shards']}",
+        *p["dropped_shardings"],
         f"batch:                {p['batch_size']} sequences x {p['seq_len']} tokens per step = {p['grad_accum']} x "
         f"micro-batch of {p['micro_batch']} ({per_device:g} sequences per batch shard)",
         f"model.remat:          {p['remat']}",
@@ -196,7 +224,7 @@ def format_plan(p: dict) -> str:
         f"remat={p['remat']})",
         f"  total                  {p['total_bytes_per_device'] / gb:8.3f} GB "
         f"(weights, gradients and Adam state unsharded: {p['unsharded_state_bytes'] / gb:.3f} GB)",
-        "by model.remat (activations are an estimate; see lmjax/plan.py:activation_bytes):",
+        "by model.remat (activations are an estimate; see lmjax/train/plan.py:activation_bytes):",
         "  remat      activations     total   FLOPs/step",
     ]
     for remat, act in p["activation_bytes_by_remat"].items():

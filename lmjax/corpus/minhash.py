@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from lmjax.config import ConfigError
+
 CHUNK_DOCS = 1024  # documents tokenised and hashed at once (bounds the memory of Python word lists)
 CHUNK_ROWS = 8192  # shingles hashed against all permutations at once (num_perm x CHUNK_ROWS uint64)
 LSH_RECALL_AT_THRESHOLD = 0.95  # least chance that a pair exactly at the threshold shares an LSH bucket
@@ -33,7 +35,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     surely. E.g. 128 permutations: threshold 0.5 -> 42 bands x 3 rows, 0.8 -> 18 x 7.
     """
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
     for rows in range(num_perm, 0, -1):
         bands = num_perm // rows
         if 1 - (1 - threshold**rows) ** bands >= LSH_RECALL_AT_THRESHOLD:

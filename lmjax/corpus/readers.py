@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lmjax.config import DataError
+
 MAX_LINE_CHARS = 1_000_000  # longer lines (JSONL, or text files split into parts) are "line_too_long"
 MAX_DOC_BYTES = 4 << 20  # text files above this are split into documents of about this size
 SNIFF_BYTES = 8192  # how much of a file decides whether it is binary
@@ -176,7 +178,7 @@ def jsonl_records(files: list[Path], field: str, source: str, bad: BadInput) -> 
         if lines == 0:
             bad("empty", str(path))
         elif objects and not with_field:
-            raise ValueError(f"{path}: none of its JSON objects has a field {field!r}")
+            raise DataError(f"{path}: none of its JSON objects has a field {field!r}")
 
 
 def parquet_records(files: list[Path], column: str, source: str, bad: BadInput) -> Iterator[Document]:
@@ -193,11 +195,11 @@ def parquet_records(files: list[Path], column: str, source: str, bad: BadInput) 
         with pf:
             schema = pf.schema_arrow
             if column not in schema.names:
-                raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
+                raise DataError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
             kind = schema.field(column).type
             kind = kind.value_type if pa.types.is_dictionary(kind) else kind
             if kind not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
-                raise ValueError(f"{path}: column {column!r} holds {kind}, not text")
+                raise DataError(f"{path}: column {column!r} holds {kind}, not text")
             if pf.metadata.num_rows == 0:
                 bad("empty", str(path))
                 continue

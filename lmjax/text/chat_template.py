@@ -7,14 +7,14 @@ model must learn to produce: the content of assistant turns and their `<|end|>`.
 from JSONL in the common `{"messages": [{"role": ..., "content": ...}, ...]}` format.
 """
 
-import glob
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.config import DataError
+from lmjax.text.io import read_jsonl, write_jsonl
+from lmjax.text.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
@@ -23,12 +23,12 @@ Message = dict[str, str]
 
 
 def check_conversation(messages: Sequence[Message], where: str = "conversation") -> None:
-    """Raises ValueError naming `where` unless `messages` is a list of {role, content} with known roles."""
+    """Raises `DataError` naming `where` unless `messages` is a list of {role, content} with known roles."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+            raise DataError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
 
 
 def encode_chat(messages: Sequence[Message], tokenizer: Tokenizer,
@@ -48,41 +48,14 @@ def encode_chat(messages: Sequence[Message], tokenizer: Tokenizer,
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed record) per non-blank line; a line that is not JSON raises ValueError naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-
-
 def read_conversations(path: str | Path) -> Iterator[list[Message]]:
-    """Conversations from a JSONL file; a malformed line raises ValueError naming file and line."""
+    """Conversations from a JSONL file; a malformed line raises `DataError` naming file and line."""
     for where, record in read_jsonl(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         check_conversation(messages, where)
         yield messages
 
 
-def read_chat(spec: str) -> list[list[Message]]:
-    """Conversations of a chat source: `stdlib` / `stdlib:heldout` (the embedded dataset) or a JSONL glob."""
-    if spec in ("stdlib", "stdlib:train", "stdlib:heldout"):
-        from lmjax.data.chat_corpus import build_chat_dataset
-
-        return build_chat_dataset()["heldout" if spec.endswith("heldout") else "train"]
-    files = sorted(glob.glob(spec, recursive=True))
-    if not files:
-        raise ValueError(f"chat source {spec!r}: no files match; use chat:stdlib, chat:stdlib:heldout or chat:GLOB")
-    return [c for path in files for c in read_conversations(path)]
-
-
 def write_conversations(conversations: Sequence[Sequence[Message]], path: str | Path) -> None:
-    """Writes conversations as JSONL (one {"messages": [...]} per line)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for messages in conversations:
-            f.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
+    """Writes conversations as JSONL (one {"messages": [...]} per line), atomically."""
+    write_jsonl(({"messages": list(m)} for m in conversations), path)

@@ -1,4 +1,4 @@
-"""Phrasing tables for the embedded chat dataset built by `lmjax.data.chat_corpus` (pure data, no logic).
+"""Phrasing tables for the embedded chat dataset built by `lmjax.corpus.stdlib_chat` (pure data, no logic).
 
 System prompts, question templates per question type, identity questions with their answers, and harmful
 requests with their refusals. Templates are `str.format` strings with fields {q} qualified name, {m} module,

@@ -3,20 +3,21 @@
 The input is processed in chunks of `chunk_docs` documents. Each chunk is cleaned in parallel
 (normalise, quality rules, blocklist, PII), deduplicated in order (exact, then near-duplicate against
 everything kept before), split into train/val by a hash of its text, and written as one train and one
-val shard (temporary file, then rename). After each chunk the progress, the counts and the dedup index
-are saved, so an interrupted run continues from the last finished chunk and never leaves a partial shard
-that training would read. At the end a tokenizer is trained on the train shards, tokens are counted,
-and the data card (card.json, card.md, doc_lengths.png) accounts for every input document.
+val shard (temporary file, then rename). After each chunk the dedup indexes are saved under the chunk's
+number, then progress.json (the counts, and so which indexes are current) replaces the old one: that
+rename is the one commit point, so an interrupted run continues from the last committed chunk with the
+indexes of exactly that chunk, and never leaves a partial shard that training would read. At the end a
+tokenizer is trained on the train shards, tokens are counted, and the data card (card.json, card.md,
+doc_lengths.png) accounts for every input document.
 
     DIR/train/train-00000.arrayrecord ...   one cleaned document per record (UTF-8)
     DIR/val/val-00000.arrayrecord ...
     DIR/tokenizer/tokenizer.model
     DIR/card.json, DIR/card.md, DIR/doc_lengths.png
-    DIR/progress.json, DIR/dedup/           resume state
+    DIR/progress.json, DIR/dedup/{exact,near}-NNNNN.npz   resume state (indexes after NNNNN chunks)
 """
 
 import collections
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -28,12 +29,15 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from lmjax.data.clean import Blocklist, clean_config, normalize, quality_issue
-from lmjax.data.dedup import Decontaminator, ExactDedup, NearDedup, dedup_config
-from lmjax.data.pii import scrub_pii
-from lmjax.data.shards import SPLITS, iter_split, shard_paths, write_shard
-from lmjax.data.sources import iter_records
-from lmjax.data.tokenizer import Tokenizer, train_tokenizer
+from lmjax.config import ConfigError, DataError
+from lmjax.corpus.clean import clean_config, normalize, quality_issue
+from lmjax.corpus.dedup import Decontaminator, ExactDedup, NearDedup, dedup_config
+from lmjax.corpus.pii import scrub_pii
+from lmjax.corpus.shards import SPLITS, iter_split, shard_paths, write_shard
+from lmjax.corpus.sources import iter_records
+from lmjax.text.blocklist import Blocklist
+from lmjax.text.io import atomic_write, hash_unit
+from lmjax.text.tokenizer import Tokenizer, train_tokenizer
 
 LENGTH_BINS = np.unique(np.geomspace(1, 1e6, 61).astype(int))  # words per document, log-spaced
 
@@ -122,15 +126,34 @@ class _Progress:
                 "bytes_out": self.bytes_out, "lengths": self.lengths.tolist()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _index_path(dedup_dir: Path, name: str, chunks_done: int) -> Path:
+    """The saved dedup index `name` ("exact" or "near") as it is after `chunks_done` chunks."""
+    return dedup_dir / f"{name}-{chunks_done:05d}.npz"
 
 
-def _is_val(text: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+def _load_index(cls: type[ExactDedup] | type[NearDedup], dedup_dir: Path, name: str,
+                chunks_done: int) -> ExactDedup | NearDedup:
+    path = _index_path(dedup_dir, name, chunks_done)
+    if not path.is_file():
+        raise DataError(f"progress.json says {chunks_done} chunks are done but {path} is missing; use a new --out")
+    return cls.load(path)
+
+
+def _commit(out: Path, progress: _Progress, exact: ExactDedup | None, near: NearDedup | None) -> None:
+    """Saves the state after a chunk. The indexes go to files named by the chunk count, then the atomic
+    replacement of progress.json (which holds the count) makes them current; a crash before it resumes
+    with the previous progress.json and the previous indexes, which are removed only after it."""
+    dedup_dir = out / "dedup"
+    dedup_dir.mkdir(exist_ok=True)
+    current = set()
+    for name, index in (("exact", exact), ("near", near)):
+        if index is not None:
+            path = _index_path(dedup_dir, name, progress.chunks_done)
+            index.save(path)
+            current.add(path)
+    atomic_write(out / "progress.json", json.dumps(progress.state()))
+    for path in set(dedup_dir.glob("*.npz")) - current:
+        path.unlink()
 
 
 def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
@@ -139,14 +162,16 @@ def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "prepare_config.json"
     if config_path.exists() and json.loads(config_path.read_text()) != json.loads(cfg.to_json()):
-        raise ValueError(f"{out} was prepared with a different config ({config_path}); use a new --out")
-    _atomic_write_text(config_path, cfg.to_json(indent=2))
+        raise ConfigError(f"{out} was prepared with a different config ({config_path}); use a new --out")
+    atomic_write(config_path, cfg.to_json(indent=2))
     progress_path, dedup_dir = out / "progress.json", out / "dedup"
     progress = _Progress(json.loads(progress_path.read_text()) if progress_path.exists() else None)
     d = cfg.dedup
     resuming = progress.chunks_done > 0
-    exact = (ExactDedup.load(dedup_dir / "exact.npz") if resuming else ExactDedup()) if d.exact else None
-    near = (NearDedup.load(dedup_dir / "near.npz") if resuming else NearDedup.from_config(d)) if d.near else None
+    exact = (_load_index(ExactDedup, dedup_dir, "exact", progress.chunks_done) if resuming else ExactDedup()) \
+        if d.exact else None
+    near = (_load_index(NearDedup, dedup_dir, "near", progress.chunks_done) if resuming else
+            NearDedup.from_config(d)) if d.near else None
     if resuming:
         log(f"resuming after chunk {progress.chunks_done} ({progress.consumed:,} documents done)")
     decontaminator = Decontaminator.from_globs(d.decontaminate.files, d.decontaminate.ngram) \
@@ -157,8 +182,8 @@ def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
                            on_bad_input=lambda reason, ident: progress.skipped_input(reason, ident, cfg.examples))
     skipped = sum(1 for _ in itertools.islice(records, progress.consumed))
     if skipped < progress.consumed:
-        raise ValueError(f"{cfg.sources} now yields {skipped} documents, fewer than the {progress.consumed} "
-                         "already prepared: the input changed; use a new --out")
+        raise DataError(f"{cfg.sources} now yields {skipped} documents, fewer than the {progress.consumed} "
+                        "already prepared: the input changed; use a new --out")
     issues.clear()
     issues.update(progress.input_issues)
 
@@ -178,12 +203,7 @@ def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
             progress.input_issues = collections.Counter(issues)
             progress.seconds += time.time() - start
             start = time.time()
-            dedup_dir.mkdir(exist_ok=True)
-            if exact is not None:
-                exact.save(dedup_dir / "exact.npz")
-            if near is not None:
-                near.save(dedup_dir / "near.npz")
-            _atomic_write_text(progress_path, json.dumps(progress.state()))
+            _commit(out, progress, exact, near)
             log(f"chunk {progress.chunks_done}: {progress.consumed:,} documents in, "
                 f"{sum(progress.kept.values()):,} kept, {progress.consumed / max(progress.seconds, 1e-9):,.0f} docs/s")
     finally:
@@ -214,7 +234,7 @@ def _dedup_and_write(cfg, out, chunk, cleaned, progress, exact, near, decontamin
         if not kept:
             progress.remove("near_duplicate", record.ident, record.text, cfg.examples)
             continue
-        split = "val" if _is_val(text, cfg.val_fraction) else "train"
+        split = "val" if hash_unit(text) < cfg.val_fraction else "train"
         shards[split].append(text)
         progress.kept[split] += 1
         progress.bytes_out[split] += len(text.encode("utf-8"))
@@ -227,9 +247,13 @@ def _dedup_and_write(cfg, out, chunk, cleaned, progress, exact, near, decontamin
 
 def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
     """Trains the tokenizer, counts tokens, writes the card."""
+    removed, kept = sum(progress.removed.values()), sum(progress.kept.values())
+    if progress.consumed != removed + kept:
+        raise RuntimeError(f"{out / 'progress.json'} does not account for every document: {progress.consumed} "
+                           f"read, {removed} removed, {kept} kept")
     if not progress.kept["train"]:
-        raise ValueError(f"no training documents survived cleaning of {cfg.sources}; see the counts in "
-                         f"{out / 'progress.json'}")
+        raise DataError(f"no training documents survived cleaning of {cfg.sources}; see the counts in "
+                        f"{out / 'progress.json'}")
     tokenizer_dir = out / "tokenizer"
     if not (tokenizer_dir / "tokenizer.model").is_file():
         start = time.time()
@@ -239,7 +263,6 @@ def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
         log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size}) in {time.time() - start:.1f}s")
     tokenizer = Tokenizer.load(tokenizer_dir)
     tokens = {split: _count_tokens(tokenizer, iter_split(out, split)) for split in SPLITS}
-    removed = sum(progress.removed.values())
     card = {
         "sources": cfg.sources,
         "documents_in": progress.consumed,
@@ -259,10 +282,9 @@ def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
         "shards": {split: len(shard_paths(out, split)) for split in SPLITS},
         "seconds": round(progress.seconds, 1),
     }
-    assert progress.consumed == removed + sum(progress.kept.values()), "every document is accounted for"
     _plot_lengths(progress.lengths, out / "doc_lengths.png")
-    (out / "card.md").write_text(render_card(card))
-    _atomic_write_text(out / "card.json", json.dumps(card, indent=2))
+    atomic_write(out / "card.md", render_card(card))
+    atomic_write(out / "card.json", json.dumps(card, indent=2))
     return card
 
 

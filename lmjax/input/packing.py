@@ -12,60 +12,13 @@ A chunk is an int32 array of tokens [n], or [2, n] of tokens and a per-token los
 """
 
 import itertools
-from collections.abc import Iterable, Iterator
 
 import grain
 import numpy as np
 
-from lmjax.data.chat import encode_chat
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.config import DataError
 
-ENCODE_BATCH = 512  # documents per encode_batch call
 PACKING_BINS_PER_ROW = 4  # first-fit packing looks at this many candidate rows per batch row
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
-
-
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
-
-
-def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
-    """Encode each document as [bos] + ids + [eos] and cut it into chunks of <= seq_len + 1 tokens.
-
-    Chunk k is tokens[k * seq_len : k * seq_len + seq_len + 1]: consecutive chunks share
-    one token, so every token but the first is a prediction target exactly once.
-    """
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    chunks = []
-    for batch in _batched(docs, ENCODE_BATCH):
-        for ids in tokenizer.encode_batch(batch):
-            tokens = np.array([bos, *ids, eos], dtype=np.int32)
-            chunks += [tokens[k : k + seq_len + 1] for k in range(0, len(tokens) - 1, seq_len)]
-    return chunks
-
-
-def tokenize_conversations(conversations: Iterable[list[dict]], tokenizer: Tokenizer,
-                           seq_len: int) -> list[np.ndarray]:
-    """Encode conversations with the chat template into [2, n] chunks of (tokens, loss mask). A
-    conversation longer than seq_len + 1 tokens keeps its longest prefix that ends with an assistant
-    reply and fits (conversations whose first assistant reply does not fit are dropped)."""
-    chunks = []
-    for messages in conversations:
-        for end in range(len(messages), 0, -1):
-            if messages[end - 1]["role"] != "assistant":
-                continue
-            ids, mask = encode_chat(messages[:end], tokenizer)
-            if len(ids) <= seq_len + 1:
-                chunks.append(np.stack([ids, mask]))
-                break
-    return chunks
-
-
-def chunk_tokens(chunk: np.ndarray) -> np.ndarray:
-    """The token ids of a chunk (dropping the loss-mask row of chat chunks)."""
-    return chunk if chunk.ndim == 1 else chunk[0]
 
 
 def _split_chunk(chunk: np.ndarray) -> dict[str, np.ndarray]:
@@ -102,7 +55,7 @@ def _packed(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuff
 
 def _check_chunks(chunks: list[np.ndarray], seq_len: int) -> None:
     if not chunks:
-        raise ValueError("no token chunks: the data source produced no documents")
+        raise DataError("no token chunks: the data source produced no documents")
     longest = max(c.shape[-1] for c in chunks)
     if longest > seq_len + 1:
         raise ValueError(f"a chunk has {longest} tokens, more than seq_len + 1 = {seq_len + 1}")
@@ -113,19 +66,19 @@ def train_iterator(
     seq_len: int,
     batch_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    loader_index: int = 0,
+    loader_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Endless iterator of packed [batch_size, seq_len] batches for this process.
+    """Endless iterator of packed [batch_size, seq_len] batches of data loader `loader_index`.
 
-    The chunks are sharded by process ([process_index::process_count]), reshuffled
+    The chunks are sharded by loader ([loader_index::loader_count]), reshuffled
     every epoch from `seed`, first-fit packed into rows and batched. The iterator
     supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
     """
     _check_chunks(chunks, seq_len)
-    ds = grain.MapDataset.source(chunks)[process_index::process_count]
+    ds = grain.MapDataset.source(chunks)[loader_index::loader_count]
     if len(ds) == 0:
-        raise ValueError(f"process {process_index} of {process_count} gets no chunks out of {len(chunks)}")
+        raise DataError(f"data loader {loader_index} of {loader_count} gets no chunks out of {len(chunks)}")
     ds = ds.seed(seed).shuffle().repeat(None).map(_split_chunk)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # prefetch threads cost more than they save
     ids = _packed(ids, seq_len, PACKING_BINS_PER_ROW * batch_size, seed, shuffle=True, masked=chunks[0].ndim == 2)
@@ -149,15 +102,17 @@ def eval_batches(
     _check_chunks(chunks, seq_len)
     ds = grain.MapDataset.source(chunks).map(_split_chunk).to_iter_dataset(grain.ReadOptions(num_threads=0))
     global_batch = batch_size * process_count
-    masked = chunks[0].ndim == 2
-    packed = _packed(ds, seq_len, global_batch, seed=0, shuffle=False, masked=masked)
-    rows = list(itertools.islice(packed, num_batches * global_batch))
-    n_batches = -(-len(rows) // global_batch)
+    packed = _packed(ds, seq_len, global_batch, seed=0, shuffle=False, masked=chunks[0].ndim == 2)
+    return deal_rows(list(itertools.islice(packed, num_batches * global_batch)), batch_size, process_index,
+                     process_count)
+
+
+def deal_rows(rows: list[dict[str, np.ndarray]], batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """This process's evaluation batches of `rows` (dealt out as [process_index::process_count]): every
+    process gets the same number of batches, the last one padded with all-zero rows (which count as nothing)."""
+    n_batches = -(-len(rows) // (batch_size * process_count))
     rows = rows[process_index::process_count]
-    keys = BATCH_KEYS + (("loss_mask",) if masked else ())
-    pad_row = {k: np.zeros(seq_len, dtype=np.int32) for k in keys}
-    rows += [pad_row] * (n_batches * batch_size - len(rows))
-    return [
-        {k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in keys}
-        for b in range(n_batches)
-    ]
+    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (n_batches * batch_size - len(rows))
+    return [{k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in rows[0]}
+            for b in range(n_batches)]

@@ -10,10 +10,11 @@ import ast
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from lmjax.text.io import atomic_write
 
 CORPUS_VERSION = 1  # bump when the extraction rules change, to invalidate caches
 MIN_DOC_CHARS = 40
@@ -102,19 +103,6 @@ def cache_path() -> Path:
     return cache_dir() / f"stdlib-docs-py{v.major}.{v.minor}.{v.micro}-v{CORPUS_VERSION}.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def stdlib_documents() -> list[str]:
     """The default corpus (~2 MB of English), loaded from the cache or extracted and cached."""
     path = cache_path()
@@ -126,7 +114,7 @@ def stdlib_documents() -> list[str]:
         pass
     docs = extract_documents()
     try:
-        _write_atomic(path, json.dumps(docs, ensure_ascii=False))
+        atomic_write(path, json.dumps(docs, ensure_ascii=False))
     except OSError as e:
         warnings.warn(f"could not cache the stdlib corpus at {path}: {e}", stacklevel=2)
     return docs

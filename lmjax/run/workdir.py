@@ -9,19 +9,16 @@
     samples.txt         samples drawn at the end of training
 """
 
-import os
+import json
 from pathlib import Path
 
-import jax
 from ml_collections import ConfigDict
 
-from lmjax.config import ConfigError, config_from_json
-from lmjax.data.tokenizer import Tokenizer
-from lmjax.model.params import abstract_model
-from lmjax.train.checkpoint import Checkpointer
+from lmjax.config import ConfigError, LmjaxError, config_from_json
+from lmjax.text.io import atomic_write
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(LmjaxError, RuntimeError):
     """A run directory that is missing, empty or unreadable."""
 
 
@@ -43,10 +40,7 @@ class Workdir:
 
     def save_config(self, cfg: ConfigDict) -> None:
         """Writes config.json atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(cfg.to_json(indent=2))
-        os.replace(tmp, self.config_path)
+        atomic_write(self.config_path, cfg.to_json(indent=2))
 
     def load_config(self) -> ConfigDict:
         if not self.has_config():
@@ -70,39 +64,14 @@ def open_workdir(path: str | Path) -> Workdir:
     return wd
 
 
-def restore_model(wd: Workdir, step: int | None = None):
-    """(config, graphdef, params, tokenizer) of a trained run, params from checkpoint `step` (default
-    latest), on the default device. Raises WorkdirError / CheckpointError with a clear message."""
-    cfg = wd.load_config()
-    tokenizer = Tokenizer.load(wd.tokenizer_dir)
-    graphdef, abstract_params, _ = abstract_model(cfg.model)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                   abstract_params)
-    ckpt = Checkpointer(wd.checkpoint_dir)
-    try:
-        params = ckpt.restore_params(abstract_params, step)
-    finally:
-        ckpt.close()
-    return cfg, graphdef, params, tokenizer
-
-
-SHAPE_KEYS = ("family", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_model", "d_ff",
-              "tie_embeddings", "param_dtype")
-
-
-def init_params_from(cfg: ConfigDict, abstract_params):
-    """Parameters of the latest checkpoint of the run `cfg.init_from`, after checking its model shapes."""
-    source = Workdir(cfg.init_from)
-    source_model = source.load_config().model
-    diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
-    if cfg.model.family == "gpt2" and source_model.seq_len < cfg.model.seq_len:
-        diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)
-    if diff:
-        raise ConfigError(f"init_from {source.path} has a different model: "
-                          + ", ".join(f"{k} {a} (there) != {b} (here)" for k, (a, b) in diff.items()))
-    ckpt = Checkpointer(source.checkpoint_dir)
-    try:
-        return ckpt.restore_params(abstract_params)
-    finally:
-        ckpt.close()
+def read_metrics(jsonl_path: Path) -> list[dict]:
+    """Records of metrics.jsonl (a torn last line from a killed run is ignored)."""
+    if not jsonl_path.exists():
+        return []
+    records = []
+    for line in jsonl_path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,1 +1,0 @@
-"""Data layer: document sources, the SentencePiece tokenizer and packed grain pipelines."""

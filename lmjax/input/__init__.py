@@ -1,0 +1,1 @@
+"""What the trainer reads: data specs, token chunks, packed batches, preference pairs, loaders."""

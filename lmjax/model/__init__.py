@@ -1,0 +1,1 @@
+"""The transformer: typed config, layers, attention, parameters and losses."""

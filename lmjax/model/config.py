@@ -1,0 +1,64 @@
+"""The model's typed, immutable config: the `model.*` knobs with defaults resolved.
+
+Model code reads a `ModelConfig`; the public entry points (`abstract_model`, `init_params`, `init_cache`,
+`matmul_params`, `flops_per_token`) also accept the `cfg.model` ConfigDict and convert it once at the top.
+Being a frozen dataclass of plain values, a ModelConfig is hashable and can be a static jit argument.
+"""
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+# Logical axes that tensor parallelism splits, with the knob that sizes each. A mesh axis that a sharding
+# rule assigns to one of them but that does not divide it is an error (the blocks' work would be repeated
+# on every device of that axis instead of split), not a logged fallback to replication.
+TENSOR_PARALLEL_AXES = {
+    "heads": "model.num_heads",
+    "kv_heads": "the key/value heads (model.num_kv_heads)",
+    "mlp": "model.d_ff",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The `model.*` knobs of `lmjax.config.base_config` (see there); `num_kv_heads` and `head_dim` hold
+    their resolved values, never 0."""
+
+    family: str
+    vocab_size: int
+    vocab_multiple: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_model: int
+    d_ff: int
+    seq_len: int
+    dropout: float
+    dtype: str
+    param_dtype: str
+    norm_eps: float
+    rope_theta: float
+    tie_embeddings: bool
+    remat: str
+
+    @classmethod
+    def from_config(cls, cfg: "ConfigDict | ModelConfig") -> "ModelConfig":
+        """The ModelConfig of the `cfg.model` ConfigDict (a ModelConfig is returned as it is)."""
+        if isinstance(cfg, ModelConfig):
+            return cfg
+        values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)}
+        values["num_kv_heads"] = cfg.num_kv_heads or cfg.num_heads
+        values["head_dim"] = cfg.head_dim or cfg.d_model // cfg.num_heads
+        return cls(**values)
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and columns of the output projection: `vocab_size` rounded up to a multiple
+        of `vocab_multiple`; the logits of the padding ids are masked.
+
+        The padding depends on this knob alone, never on the mesh: a checkpoint keeps its shapes on any
+        mesh. The default 128 is a multiple of every power-of-two `mesh.tensor` up to 128, so the vocabulary
+        axis still splits evenly across tensor-parallel devices (and matmul tiles)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+

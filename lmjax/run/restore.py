@@ -1,0 +1,60 @@
+"""Loading a trained model out of a run directory: for sampling, serving, evaluation and fine-tuning."""
+
+from typing import NamedTuple
+
+import jax
+from ml_collections import ConfigDict
+
+from lmjax.config import ConfigError
+from lmjax.model.params import abstract_model
+from lmjax.run.checkpoint import Checkpointer
+from lmjax.run.workdir import Workdir
+from lmjax.text.tokenizer import Tokenizer
+
+SHAPE_KEYS = ("family", "vocab_size", "vocab_multiple", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "d_model", "d_ff", "tie_embeddings", "param_dtype")
+
+
+class Restored(NamedTuple):
+    cfg: ConfigDict
+    graphdef: object  # nnx.GraphDef of the model
+    params: dict
+    tokenizer: Tokenizer
+    step: int  # the checkpoint step the parameters come from
+
+
+def restore_model(wd: Workdir, step: int | None = None) -> Restored:
+    """A trained run's model, params from checkpoint `step` (default latest), on the default device.
+    Raises WorkdirError / CheckpointError with a clear message."""
+    cfg = wd.load_config()
+    tokenizer = Tokenizer.load(wd.tokenizer_dir)
+    graphdef, abstract_params, _ = abstract_model(cfg.model)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                                   abstract_params)
+    with Checkpointer(wd.checkpoint_dir) as ckpt:
+        step = ckpt.resolve_step(step)
+        params = ckpt.restore_params(abstract_params, step)
+    return Restored(cfg, graphdef, params, tokenizer, step)
+
+
+def check_init_from(cfg: ConfigDict) -> int:
+    """The checkpoint step of the `init_from` run that starts `cfg` (`init_from_step`, or its latest if that
+    is -1), after checking that its model has the same parameter shapes. Reads no checkpoint data."""
+    source = Workdir(cfg.init_from)
+    source_model = source.load_config().model
+    diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
+    if cfg.model.family == "gpt2" and source_model.seq_len != cfg.model.seq_len:
+        diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)  # the learned position table's shape
+    if diff:
+        raise ConfigError(f"init_from {source.path} has a different model: "
+                          + ", ".join(f"{k} {a} (there) != {b} (here)" for k, (a, b) in diff.items()))
+    with Checkpointer(source.checkpoint_dir) as ckpt:
+        return ckpt.resolve_step(None if cfg.init_from_step < 0 else cfg.init_from_step)
+
+
+def init_params_from(cfg: ConfigDict, abstract_params):
+    """Parameters of checkpoint `cfg.init_from_step` of the run `cfg.init_from`, restored straight into the
+    shardings of `abstract_params`."""
+    with Checkpointer(Workdir(cfg.init_from).checkpoint_dir) as ckpt:
+        return ckpt.restore_params(abstract_params, cfg.init_from_step)

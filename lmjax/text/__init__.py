@@ -1,0 +1,1 @@
+"""Text primitives every stage shares: tokenizer, chat template, blocklist, file helpers (no JAX)."""

@@ -1,0 +1,63 @@
+"""File chores shared by every stage: atomic writes, JSONL lines, and hashing a text into a split."""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmjax.config import DataError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write; renames it onto `path` only if the block succeeds,
+    so readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Writes `data` (text as UTF-8) to `path` atomically."""
+    with atomic_output(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def hash_unit(text: str) -> float:
+    """A stable number in [0, 1) from `text` (blake2b; unlike `hash`, the same in every process and run).
+    Every train/held-out split in lmjax compares it with the held-out fraction."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "big") / 2**64
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed record) per non-blank line; a line that is not JSON raises `DataError` naming it."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+
+
+def write_jsonl(records, path: str | Path) -> None:
+    """Writes one JSON object per line, atomically."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

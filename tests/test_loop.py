@@ -1,0 +1,76 @@
+"""The trainer's edges: float16 refused, Ctrl-C twice, throughput that does not count evaluation time,
+and the unigram baseline counting the same targets as the model."""
+
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lmjax.config import ConfigError
+from lmjax.eval.baselines import unigram_bpb
+from lmjax.run.workdir import Workdir, read_metrics
+from lmjax.train import loop
+from lmjax.train.metrics import MetricsWriter
+from lmjax.train.objectives import Objective
+
+
+def test_float16_training_is_refused_before_anything_happens(tmp_path):
+    with pytest.raises(ConfigError, match="float16 cannot train.*bfloat16 or float32"):
+        loop.train(tiny_config("model.dtype=float16"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_ctrl_c_interrupts_at_once():
+    with loop._StopFlag() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is not stop._handle
+
+
+class _Saves:
+    def save(self, state, loaders) -> None:
+        pass
+
+
+def test_tokens_per_second_leave_out_evaluation_time(tmp_path):
+    """Steps of 50 ms, an evaluation of 400 ms every 2 steps, a log line every 4: the logged throughput is
+    that of the steps alone (inflated 2x when the interval restarted after each evaluation)."""
+    cfg = tiny_config("train.steps=8", "train.log_every=4", "train.eval_every=2", "train.batch_size=2",
+                      "model.seq_len=8")
+    batch = {k: np.zeros((2, 8), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+
+    def step_fn(state, _):
+        time.sleep(0.05)
+        return state, {"loss": 1.0, "grad_norm": 1.0}
+
+    def evaluate(params):
+        time.sleep(0.4)
+        return {"val_loss": 1.0}
+
+    objective = Objective(iter(lambda: batch, None), step_fn, evaluate, lambda v: "", 1, {})
+    wd = Workdir(tmp_path)
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
+    loop.run_steps(cfg, objective, {"params": {}}, 0, _Saves(), MetricsWriter(wd.metrics_path), wd, sharding,
+                   1.0, 1.0)
+    rates = [r["tokens_per_sec"] for r in read_metrics(wd.metrics_path) if "tokens_per_sec" in r]
+    assert len(rates) == 2
+    for rate in rates:
+        assert 2 * 8 / 0.05 * 0.75 < rate < 2 * 8 / 0.05 * 1.05, rates
+
+
+def test_chat_unigram_baseline_counts_only_the_assistant_tokens():
+    token_bytes = np.ones(8, np.int64)
+    # Prompts use token 5, replies token 6; a model of the replies alone is certain (but for smoothing).
+    chunk = np.array([[1, 5, 5, 5, 6, 6], [0, 0, 0, 0, 1, 1]], np.int32)
+    masked = unigram_bpb([chunk] * 50, [chunk], token_bytes)
+    plain = unigram_bpb([chunk[0]] * 50, [chunk[0]], token_bytes)
+    assert masked == pytest.approx(-math.log2(101 / 108))  # 100 counts of 6 + 8 add-one over 108
+    assert plain > 0.5  # over all targets the baseline must also predict the prompts
