@@ -9,9 +9,18 @@ from lmjax.model.layers import apply_rope, param, project
 from lmjax.parallel.rules import constrain
 
 
+def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """`buffer` [B, S, ...] with `update` [B, T, ...] written from slot `index` on: one slot shared by every row
+    (a scalar, one dense slice write) or one slot per row ([B], a scatter)."""
+    update = update.astype(buffer.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, update, index, axis=1)
+    return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, index)
+
+
 class Attention(nnx.Module):
     """Self-attention. Training: causal within each packed segment. Decoding: keys and values go into
-    a fixed-size cache at slot `index`, and queries see every valid slot up to their own."""
+    a fixed-size cache at slot `index` (shared, or one per row), and queries see every valid slot up to their own."""
 
     def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -48,7 +57,8 @@ class Attention(nnx.Module):
         """x [batch, length, d_model] -> (output like x, updated layer cache or None).
 
         With a cache ({'k', 'v'} of [batch, max_len, kv_heads, head_dim]), `valid` [batch, max_len] marks
-        slots that hold real tokens (already including this call's) and `index` is the first slot written.
+        slots that hold real tokens (already including this call's) and `index` is the first slot written: a
+        scalar shared by all rows, or [batch] when each row holds a sequence of its own length.
         """
         q, k, v = self._project_qkv(x, positions)
         length = x.shape[1]
@@ -57,13 +67,13 @@ class Attention(nnx.Module):
             causal = jnp.tril(jnp.ones((length, length), bool))
             mask = (same_segment & causal)[:, None]
         else:
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            k = write_at(cache["k"], k, index)
+            v = write_at(cache["v"], v, index)
             cache = {"k": k, "v": v}
-            query_slot = index + jnp.arange(length)
+            query_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(length)  # [1 or batch, length]
             key_slot = jnp.arange(k.shape[1])
-            seen = key_slot[None, :] <= query_slot[:, None]
-            mask = (valid[:, None, :] & seen) | (key_slot[None, :] == query_slot[:, None])
+            seen = key_slot <= query_slot[..., None]
+            mask = (valid[:, None, :] & seen) | (key_slot == query_slot[..., None])
             mask = mask[:, None]
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
         out = project(attended, self.out, "bthk,hkd->btd", self.dtype, self.out_bias if self.use_bias else None)

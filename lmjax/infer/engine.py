@@ -1,0 +1,239 @@
+"""Continuous batching: a fixed pool of sequence slots over one KV cache, decoded together one token per step.
+
+Each slot holds one request at its own length (the cache's write index is per row). A request waits until a
+slot is free, is prefilled into it alone (its prompt padded to a bucket, so prefill compiles once per bucket),
+and joins the decode batch at the next step. `Engine.step` runs one jitted decode over all slots with per-row
+sampling settings; a request's token n is drawn with `fold_in(PRNGKey(seed), n)`, so its samples do not depend
+on its slot or on the other requests. Finished requests free their slot at once.
+
+`submit` and `cancel` may be called from any thread while one thread drives `step` (or `run`).
+"""
+
+import dataclasses
+import functools
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lmjax.config import DataError
+from lmjax.infer.sampler import PROMPT_BUCKET, sample_logits
+from lmjax.model.config import ModelConfig
+from lmjax.model.params import Params
+from lmjax.model.transformer import init_cache
+
+
+class Update(NamedTuple):
+    """What one step did for one request: its new tokens and, once it is done, why ("stop", "length",
+    "cancelled")."""
+
+    tokens: list[int]
+    finish_reason: str | None
+
+
+Callback = Callable[[int, Update], None]  # (request id, update), called from the thread that runs `step`
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and what it has produced so far."""
+
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop_ids: frozenset[int]
+    callback: Callback | None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _sample_row(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """`sample_logits` for one row's logits [V] and settings."""
+    return sample_logits(logits[None], rng, temperature, top_k, top_p)[0]
+
+
+def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array, length: jax.Array,
+                 seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                 graphdef: nnx.GraphDef, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """Runs one right-padded prompt `tokens` [P] (`length` real tokens) into row `slot` of the per-row cache;
+    returns its first sampled token (token index 0 of the request) and the cache."""
+    width = tokens.shape[0]
+    valid = jnp.arange(width) < length
+    logits, fresh = nnx.merge(graphdef, params)(
+        tokens[None], jnp.arange(width)[None], valid[None].astype(jnp.int32), cache=init_cache(cfg, 1, width))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    token = _sample_row(logits[0, length - 1], rng, temperature, top_k, top_p)
+    put = lambda big, row: jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
+    layers = [{name: put(big[name], row[name]) for name in ("k", "v")}
+              for big, row in zip(cache["layers"], fresh["layers"], strict=True)]
+    row_valid = jnp.arange(cache["valid"].shape[1]) < length
+    return token, {"layers": layers, "valid": put(cache["valid"], row_valid[None]),
+                   "index": cache["index"].at[slot].set(length)}
+
+
+def decode_slots(params: Params, cache: dict, tokens: jax.Array, active: jax.Array, seeds: jax.Array,
+                 steps: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                 graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """Feeds each slot's last token [S] at its own cache index and samples the next one with the row's settings
+    and key `fold_in(PRNGKey(seeds), steps)`. Inactive rows compute garbage and keep their index."""
+    index = jnp.minimum(cache["index"], cache["valid"].shape[1] - 1)
+    logits, new = nnx.merge(graphdef, params)(
+        tokens[:, None], index[:, None], active[:, None].astype(jnp.int32), cache={**cache, "index": index})
+    rngs = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seeds, steps)
+    next_tokens = jax.vmap(_sample_row)(logits[:, 0], rngs, temperature, top_k, top_p)
+    return next_tokens, {**new, "index": jnp.where(active, cache["index"] + 1, cache["index"])}
+
+
+class Engine:
+    """Serves many generation requests at once over `num_slots` KV-cache rows of `max_len` tokens each."""
+
+    def __init__(self, model_cfg: ModelConfig | ConfigDict, graphdef: nnx.GraphDef, params: Params,
+                 num_slots: int = 8, max_len: int | None = None, end_ids: Iterable[int] = ()):
+        self.cfg = ModelConfig.from_config(model_cfg)
+        self.params = params
+        self.num_slots = num_slots
+        self.max_len = max_len or self.cfg.seq_len
+        if self.max_len > self.cfg.seq_len and self.cfg.family == "gpt2":
+            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({self.cfg.seq_len})")
+        self.end_ids = frozenset(end_ids)
+        self._prefill = jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg), donate_argnums=1)
+        self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)
+        self._cache = init_cache(self.cfg, num_slots, self.max_len, per_row=True)
+        self._slots: list[Request | None] = [None] * num_slots
+        self._tokens = np.zeros(num_slots, np.int32)
+        self._seeds = np.zeros(num_slots, np.int32)
+        self._temperature = np.zeros(num_slots, np.float32)
+        self._top_k = np.zeros(num_slots, np.int32)
+        self._top_p = np.ones(num_slots, np.float32)
+        self._ids = itertools.count()
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[int] = set()
+        self._wakeup = threading.Condition()
+
+    def submit(self, prompt_ids: Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, stop_ids: Iterable[int] = (), callback: Callback | None = None) -> int:
+        """Queues a request and returns its id. It ends at an end id (the engine's or its `stop_ids`; the stop
+        token is not returned), after `max_tokens` tokens (capped by the free cache), or on `cancel`.
+        `callback(id, Update)` is called after every step that gives it tokens or ends it."""
+        if not 0 < len(prompt_ids) < self.max_len:
+            raise DataError(f"prompt is {len(prompt_ids)} tokens; it must be 1 to {self.max_len - 1}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+        request = Request(next(self._ids), list(prompt_ids), min(max_tokens, self.max_len - len(prompt_ids)),
+                          temperature, top_p, top_k, seed, self.end_ids | frozenset(stop_ids), callback)
+        with self._wakeup:
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a waiting or running request at the next step boundary (its slot is freed then)."""
+        with self._wakeup:
+            self._cancelled.add(request_id)
+            self._wakeup.notify()
+
+    def has_work(self) -> bool:
+        """Whether a request is waiting or running."""
+        return bool(self._waiting) or any(r is not None for r in self._slots)
+
+    def step(self) -> dict[int, Update]:
+        """Cancels, admits waiting requests into free slots (prefill gives their first token), then decodes
+        one token for every running request. Returns the update of each request that changed."""
+        updates: dict[int, tuple[Request, list[int]]] = {}
+        with self._wakeup:
+            cancelled, self._cancelled = self._cancelled, set()
+            for request in [r for r in self._waiting if r.id in cancelled]:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled", updates)
+            admitted = []
+            for slot in range(self.num_slots):
+                request = self._slots[slot]
+                if request is not None and request.id in cancelled:
+                    self._finish(request, "cancelled", updates)
+                if self._slots[slot] is None and self._waiting:
+                    admitted.append((slot, self._waiting.popleft()))
+        for slot, request in admitted:
+            self._admit(slot, request, updates)
+        running = [slot for slot, r in enumerate(self._slots) if r is not None]
+        if running:
+            active = np.array([r is not None for r in self._slots])
+            steps = np.array([len(r.tokens) if r else 0 for r in self._slots], np.int32)
+            tokens, self._cache = self._decode(self.params, self._cache, self._tokens, active, self._seeds, steps,
+                                               self._temperature, self._top_k, self._top_p)
+            tokens = jax.device_get(tokens)
+            for slot in running:
+                self._take(slot, int(tokens[slot]), updates)
+        done = {}
+        for request_id, (request, tokens) in updates.items():
+            done[request_id] = Update(tokens, request.finish_reason)
+            if request.callback is not None:
+                request.callback(request_id, done[request_id])
+        return done
+
+    def run(self, stop: threading.Event, idle_wait: float = 0.1) -> None:
+        """Steps until `stop` is set, sleeping while there is nothing to do: the loop for a background thread."""
+        while not stop.is_set():
+            with self._wakeup:
+                if not self.has_work() and not self._cancelled:
+                    self._wakeup.wait(idle_wait)
+                    continue
+            self.step()
+
+    def generate_all(self, requests: Sequence[dict]) -> list[list[int]]:
+        """The tokens of each request (keyword arguments of `submit`), run together until all are done."""
+        ids = [self.submit(**r) for r in requests]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        pending = set(ids)
+        while pending:
+            for request_id, update in self.step().items():
+                if request_id in out:
+                    out[request_id] += update.tokens
+                    if update.finish_reason is not None:
+                        pending.discard(request_id)
+        return [out[i] for i in ids]
+
+    def _admit(self, slot: int, request: Request, updates: dict[int, tuple[Request, list[int]]]) -> None:
+        length = len(request.prompt)
+        width = min(-(-length // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_len)
+        tokens = np.zeros(width, np.int32)
+        tokens[:length] = request.prompt
+        settings = (np.float32(request.temperature), np.int32(request.top_k), np.float32(request.top_p))
+        token, self._cache = self._prefill(self.params, self._cache, np.int32(slot), tokens, np.int32(length),
+                                           np.int32(request.seed), *settings)
+        self._slots[slot] = request
+        self._seeds[slot] = request.seed
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings
+        self._take(slot, int(token), updates)
+
+    def _take(self, slot: int, token: int, updates: dict[int, tuple[Request, list[int]]]) -> None:
+        """Records a slot's new token; frees the slot when the request ends."""
+        request = self._slots[slot]
+        new = updates.setdefault(request.id, (request, []))[1]
+        if token in request.stop_ids:
+            self._finish(request, "stop", updates)
+            return
+        request.tokens.append(token)
+        new.append(token)
+        self._tokens[slot] = token
+        if len(request.tokens) >= request.max_tokens:
+            self._finish(request, "length", updates)
+
+    def _finish(self, request: Request, reason: str, updates: dict[int, tuple[Request, list[int]]]) -> None:
+        request.finish_reason = reason
+        updates.setdefault(request.id, (request, []))
+        if request in self._slots:
+            self._slots[self._slots.index(request)] = None
