@@ -91,28 +91,26 @@ def decode_sequences(vocab_size: int) -> np.ndarray:
 
 
 def check_cached_decode(m: TinyModel, atol: float) -> np.ndarray:
-    """Prefills left-padded prompts of 3, 16 and 9 tokens of `decode_sequences`, decodes 6 more with the KV
+    """Prefills right-padded prompts of 3, 16 and 9 tokens of `decode_sequences`, decodes 6 more with the KV
     cache and checks the logits after every token against the full (uncached) forward pass; returns those
     full logits [3, SEQ_LEN, V]."""
     lengths, steps, width, max_len = np.array([3, 16, 9]), 6, 16, 32
     rows = np.arange(len(lengths))
     seqs = decode_sequences(m.cfg.vocab_size)
     tokens = np.zeros((len(lengths), width), np.int32)
-    valid = np.zeros((len(lengths), width), bool)
     for row, n in enumerate(lengths):
-        tokens[row, width - n :] = seqs[row, :n]
-        valid[row, width - n :] = True
+        tokens[row, :n] = seqs[row, :n]
 
     step = jax.jit(lambda p, tok, pos, cache: nnx.merge(m.graphdef, p)(
         tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache=cache))
     logits, cache = jax.jit(functools.partial(prefill, graphdef=m.graphdef))(
-        m.params, tokens, valid, init_cache(m.cfg, len(lengths), max_len))
+        m.params, tokens, jnp.asarray(lengths, jnp.int32), init_cache(m.cfg, len(lengths), max_len))
     full = np.asarray(m.forward(m.params, seqs))
     for s in range(steps + 1):
         np.testing.assert_allclose(logits, full[rows, lengths - 1 + s], atol=atol, rtol=0, err_msg=f"step {s}")
         out, cache = step(m.params, seqs[rows, lengths + s], jnp.asarray(lengths + s, jnp.int32), cache)
         logits = out[:, 0]
-    assert int(cache["index"]) == width + steps + 1
+    np.testing.assert_array_equal(cache["index"], lengths + steps + 1)
     return full
 
 

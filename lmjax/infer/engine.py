@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import DataError
-from lmjax.infer.sampler import PROMPT_BUCKET, sample_logits
+from lmjax.infer.sampler import PROMPT_BUCKET, prefill, sample_logits
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
@@ -69,12 +69,9 @@ def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array
                  graphdef: nnx.GraphDef, cfg: ModelConfig) -> tuple[jax.Array, dict]:
     """Runs one right-padded prompt `tokens` [P] (`length` real tokens) into row `slot` of the per-row cache;
     returns its first sampled token (token index 0 of the request) and the cache."""
-    width = tokens.shape[0]
-    valid = jnp.arange(width) < length
-    logits, fresh = nnx.merge(graphdef, params)(
-        tokens[None], jnp.arange(width)[None], valid[None].astype(jnp.int32), cache=init_cache(cfg, 1, width))
+    logits, fresh = prefill(params, tokens[None], length[None], init_cache(cfg, 1, tokens.shape[0]), graphdef=graphdef)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    token = _sample_row(logits[0, length - 1], rng, temperature, top_k, top_p)
+    token = _sample_row(logits[0], rng, temperature, top_k, top_p)
     put = lambda big, row: jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
     layers = [{name: put(big[name], row[name]) for name in ("k", "v")}
               for big, row in zip(cache["layers"], fresh["layers"], strict=True)]
@@ -110,7 +107,7 @@ class Engine:
         self.end_ids = frozenset(end_ids)
         self._prefill = jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg), donate_argnums=1)
         self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)
-        self._cache = init_cache(self.cfg, num_slots, self.max_len, per_row=True)
+        self._cache = init_cache(self.cfg, num_slots, self.max_len)
         self._slots: list[Request | None] = [None] * num_slots
         self._tokens = np.zeros(num_slots, np.int32)
         self._seeds = np.zeros(num_slots, np.int32)

@@ -1,4 +1,7 @@
-"""Text generation: one prefill over the (left-padded) prompts, then one cached decode step per token.
+"""Text generation: one prefill over the (right-padded) prompts, then one cached decode step per token.
+
+Every row of the KV cache has its own length (`cache['index']` [B]), so each prompt starts at position 0 and
+each row decodes at its own position.
 
 `prefill` and `decode` are pure and jitted once per (batch size, prompt bucket) and (batch size,
 cache length); sampling settings are traced arguments, so changing them never recompiles.
@@ -48,21 +51,22 @@ def _sample_filtered(logits: jax.Array, rng: jax.Array, temperature: jax.Array, 
     return jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf)).astype(jnp.int32)
 
 
-def prefill(params: Params, tokens: jax.Array, valid: jax.Array, cache: dict, *,
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
             graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
-    """Runs left-padded prompts [B, P] (`valid` marks real tokens) into an empty cache; returns the
-    logits after each prompt's last token [B, V] and the filled cache."""
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    """Runs right-padded prompts [B, P] of `lengths` [B] tokens into an empty cache; returns the logits after
+    each prompt's last token [B, V] and the cache, each row's index at the end of its prompt."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    valid = positions < lengths[:, None]
     logits, cache = nnx.merge(graphdef, params)(tokens, positions, valid.astype(jnp.int32), cache=cache)
-    return logits[:, -1], cache
+    return logits[jnp.arange(tokens.shape[0]), lengths - 1], {**cache, "index": lengths}
 
 
-def decode(params: Params, token: jax.Array, position: jax.Array, cache: dict, rng: jax.Array,
-           temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-           graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
-    """Feeds one token per row [B] at `position` [B]; returns the sampled next tokens and the cache."""
+def decode(params: Params, token: jax.Array, cache: dict, rng: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """Feeds one token per row [B] at the row's own position (its cache index); returns the sampled next
+    tokens and the cache."""
     logits, cache = nnx.merge(graphdef, params)(
-        token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache=cache)
+        token[:, None], cache["index"][:, None], jnp.ones_like(token)[:, None], cache=cache)
     return sample_logits(logits[:, 0], rng, temperature, top_k, top_p), cache
 
 
@@ -78,7 +82,7 @@ class Sampler:
         if self.max_len > self.cfg.seq_len and self.cfg.family == "gpt2":
             raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({self.cfg.seq_len})")
         self._prefill = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
-        self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=3)
+        self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=2)
         self._sample = jax.jit(sample_logits)
         # fold_in(key, i) for every step a generation can take, in one call instead of one per token.
         self._step_keys = jax.jit(lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(
@@ -104,19 +108,16 @@ class Sampler:
             raise DataError(f"prompt is {longest} tokens but the model's context is {self.max_len}; "
                              f"shorten it to at most {self.max_len - 1} tokens")
         max_new_tokens = max(0, min(max_new_tokens, self.max_len - longest))
-        bucket = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
-        width = max(longest, min(bucket, self.max_len - max_new_tokens))
+        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_len)
         tokens = np.zeros((batch, width), np.int32)
-        valid = np.zeros((batch, width), bool)
         for row, p in enumerate(ids):
-            tokens[row, width - len(p):] = p
-            valid[row, width - len(p):] = True
+            tokens[row, : len(p)] = p
+        lengths = np.array([len(p) for p in ids], np.int32)
         cache = init_cache(self.cfg, batch, self.max_len)
-        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(valid), cache)
+        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
         step_keys = np.asarray(self._step_keys(jax.random.PRNGKey(seed)))
         settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
         token = self._sample(logits, step_keys[0], *settings)
-        position = jnp.asarray(valid.sum(1), jnp.int32)
         stop_ids = {self.tokenizer.eos_id, self.tokenizer.special_ids.get("<|end|>", -1)}
         generated: list[list[int]] = [[] for _ in range(batch)]
         texts, done = [""] * batch, [False] * batch
@@ -124,8 +125,7 @@ class Sampler:
             last_step = step == max_new_tokens - 1
             if not last_step:
                 # Queue the next step before reading this one: the device decodes while the host makes text.
-                next_token, cache = self._decode(self.params, token, position, cache, step_keys[step + 1], *settings)
-                position = position + 1
+                next_token, cache = self._decode(self.params, token, cache, step_keys[step + 1], *settings)
             host_token = jax.device_get(token)
             for row in range(batch):
                 if done[row]:

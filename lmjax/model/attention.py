@@ -10,17 +10,15 @@ from lmjax.parallel.rules import constrain
 
 
 def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """`buffer` [B, S, ...] with `update` [B, T, ...] written from slot `index` on: one slot shared by every row
-    (a scalar, one dense slice write) or one slot per row ([B], a scatter)."""
-    update = update.astype(buffer.dtype)
-    if index.ndim == 0:
-        return jax.lax.dynamic_update_slice_in_dim(buffer, update, index, axis=1)
-    return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, index)
+    """`buffer` [B, S, ...] with each row's `update` [B, T, ...] written from its own slot `index[b]` on."""
+    write = lambda row, new, i: jax.lax.dynamic_update_slice_in_dim(row, new.astype(row.dtype), i, axis=0)
+    return jax.vmap(write)(buffer, update, index)
 
 
 class Attention(nnx.Module):
     """Self-attention. Training: causal within each packed segment. Decoding: keys and values go into
-    a fixed-size cache at slot `index` (shared, or one per row), and queries see every valid slot up to their own."""
+    a fixed-size cache from each row's own slot `index[b]`, and queries see every valid slot of their row up to
+    their own."""
 
     def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -57,8 +55,8 @@ class Attention(nnx.Module):
         """x [batch, length, d_model] -> (output like x, updated layer cache or None).
 
         With a cache ({'k', 'v'} of [batch, max_len, kv_heads, head_dim]), `valid` [batch, max_len] marks
-        slots that hold real tokens (already including this call's) and `index` is the first slot written: a
-        scalar shared by all rows, or [batch] when each row holds a sequence of its own length.
+        slots that hold real tokens (already including this call's) and `index` [batch] is each row's first slot
+        written, so rows may hold sequences of different lengths.
         """
         q, k, v = self._project_qkv(x, positions)
         length = x.shape[1]
@@ -70,7 +68,7 @@ class Attention(nnx.Module):
             k = write_at(cache["k"], k, index)
             v = write_at(cache["v"], v, index)
             cache = {"k": k, "v": v}
-            query_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(length)  # [1 or batch, length]
+            query_slot = index[:, None] + jnp.arange(length)
             key_slot = jnp.arange(k.shape[1])
             seen = key_slot <= query_slot[..., None]
             mask = (valid[:, None, :] & seen) | (key_slot == query_slot[..., None])

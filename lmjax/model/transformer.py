@@ -85,8 +85,8 @@ class Transformer(nnx.Module):
         V is the padded vocabulary; the logits of the padding ids are `MASKED_LOGIT`.
 
         `dropout_rng` turns dropout on (training). `cache` (from `init_cache`) switches to decoding:
-        the T new tokens are written at slot `cache['index']` (a scalar shared by all rows, or one per row [B])
-        and attend to all earlier valid slots of their row.
+        each row's T new tokens are written from its slot `cache['index'][b]` on and attend to all earlier
+        valid slots of their row.
         Without a cache each block is rematerialised under `model.remat` (this only changes what the
         backward pass stores and recomputes, never the values).
         """
@@ -131,14 +131,14 @@ def _train_block(block: Block, remat: str, x: jax.Array, positions: jax.Array, s
     return call(block, x, positions, segment_ids, rng)
 
 
-def init_cache(cfg: ModelConfig | ConfigDict, batch_size: int, max_len: int, per_row: bool = False) -> dict:
-    """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim], slot validity, and the next
-    slot to write: one shared by all rows, or with `per_row` one per row [B] (rows of different lengths)."""
+def init_cache(cfg: ModelConfig | ConfigDict, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim], slot validity [B, max_len]
+    and each row's next slot to write [B] (rows may hold sequences of different lengths)."""
     cfg = ModelConfig.from_config(cfg)
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     return {
         "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
         "valid": jnp.zeros((batch_size, max_len), bool),
-        "index": jnp.zeros((batch_size,) if per_row else (), jnp.int32),
+        "index": jnp.zeros(batch_size, jnp.int32),
     }
