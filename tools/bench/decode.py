@@ -81,22 +81,20 @@ def lmjax_kv(cfg: ConfigDict, params: Params, prompts: np.ndarray, new_tokens: i
     """Greedy generation with the Sampler's jitted prefill/decode; only the final tokens go to the host."""
     graphdef, _, _ = abstract_model(cfg)
     prefill_fn = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
-    decode_fn = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=3)
+    decode_fn = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=2)
     greedy = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
     batch, prompt_len = prompts.shape
-    tokens, valid = jnp.asarray(prompts), jnp.ones(prompts.shape, bool)
+    tokens, lengths = jnp.asarray(prompts), jnp.full((batch,), prompt_len, jnp.int32)
     settings = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
     rng = jax.random.PRNGKey(0)
 
     def run() -> np.ndarray:
         cache = init_cache(cfg, batch, prompt_len + new_tokens)
-        logits, cache = prefill_fn(params, tokens, valid, cache)
+        logits, cache = prefill_fn(params, tokens, lengths, cache)
         token = greedy(logits)
-        position = jnp.full((batch,), prompt_len, jnp.int32)
         out = [token]
         for _ in range(new_tokens - 1):
-            token, cache = decode_fn(params, token, position, cache, rng, *settings)
-            position = position + 1
+            token, cache = decode_fn(params, token, cache, rng, *settings)
             out.append(token)
         return np.asarray(jnp.stack(out, axis=1))
 
