@@ -154,3 +154,17 @@ def test_background_thread(engine):
     assert not thread.is_alive() and reason == "length"
     assert tokens == engine.generate_all([{"prompt_ids": prompt(11), "max_tokens": 8}])[0]
     assert request_id >= 0
+
+
+def test_bad_requests_are_refused(engine, llama):
+    with pytest.raises(ValueError, match="must be 1 to 63"):
+        engine.submit([3] * SEQ_LEN)
+    with pytest.raises(ValueError, match="must be 1 to 63"):
+        engine.submit([])
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit([3], max_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        engine.submit([3], seed=-1)
+    assert not engine.has_work() and engine.step() == {}
+    with pytest.raises(ValueError, match="learned positions"):
+        Engine(*build("gpt2"), max_len=SEQ_LEN + 1)
