@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import DataError
-from lmjax.infer.sampler import PROMPT_BUCKET, prefill, sample_logits
+from lmjax.infer.sampler import PROMPT_BUCKET, cache_length, prefill, sample_logits
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
@@ -101,9 +101,7 @@ class Engine:
         self.cfg = ModelConfig.from_config(model_cfg)
         self.params = params
         self.num_slots = num_slots
-        self.max_len = max_len or self.cfg.seq_len
-        if self.max_len > self.cfg.seq_len and self.cfg.family == "gpt2":
-            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({self.cfg.seq_len})")
+        self.max_len = cache_length(self.cfg, max_len)
         self.end_ids = frozenset(end_ids)
         self._prefill = jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg), donate_argnums=1)
         self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)

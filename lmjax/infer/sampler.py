@@ -70,6 +70,15 @@ def decode(params: Params, token: jax.Array, cache: dict, rng: jax.Array, temper
     return sample_logits(logits[:, 0], rng, temperature, top_k, top_p), cache
 
 
+def cache_length(cfg: ModelConfig, max_len: int | None) -> int:
+    """KV-cache slots per row: `max_len`, default the training context; gpt2 cannot go past its learned
+    positions."""
+    max_len = max_len or cfg.seq_len
+    if max_len > cfg.seq_len and cfg.family == "gpt2":
+        raise ValueError(f"max_len {max_len} exceeds the learned positions ({cfg.seq_len})")
+    return max_len
+
+
 class Sampler:
     """Generates text from a model's parameters with a KV cache of `max_len` slots."""
 
@@ -78,9 +87,7 @@ class Sampler:
         self.cfg = ModelConfig.from_config(model_cfg)
         self.params = params
         self.tokenizer = tokenizer
-        self.max_len = max_len or self.cfg.seq_len
-        if self.max_len > self.cfg.seq_len and self.cfg.family == "gpt2":
-            raise ValueError(f"max_len {self.max_len} exceeds the learned positions ({self.cfg.seq_len})")
+        self.max_len = cache_length(self.cfg, max_len)
         self._prefill = jax.jit(functools.partial(prefill, graphdef=graphdef), donate_argnums=3)
         self._decode = jax.jit(functools.partial(decode, graphdef=graphdef), donate_argnums=2)
         self._sample = jax.jit(sample_logits)
