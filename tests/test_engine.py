@@ -6,9 +6,10 @@ import threading
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from lmjax.config import base_config
-from lmjax.infer.engine import Engine, Update
+from lmjax.infer.engine import TOP_LOGPROBS, Engine, Update
 from lmjax.infer.sampler import Sampler
 from lmjax.model.params import abstract_model, init_params
 
@@ -94,17 +95,48 @@ def test_queue_gives_same_tokens_as_alone(engine):
     assert engine.generate_all(requests) == alone
 
 
-def test_nothing_recompiles_after_warmup(engine):
-    """After one request per prompt bucket, requests of new lengths and settings compile nothing."""
-    engine.generate_all([{"prompt_ids": prompt(n), "max_tokens": 2} for n in (3, 40)])
-    sizes = engine._prefill._cache_size(), engine._decode._cache_size()
-    assert sizes == (2, 1)
+def test_nothing_recompiles_after_warmup(llama):
+    """After `warmup`, requests of any length and settings, scoring included, compile nothing."""
+    engine = Engine(*llama, num_slots=4)
+    engine.warmup()
+    assert engine.compilations() == 2 * len(engine.buckets) + 1 == 2 * len([32, 64]) + 1
     rng = np.random.default_rng(0)
     engine.generate_all([{"prompt_ids": prompt(int(rng.integers(1, 60)), salt=i),
-                          "max_tokens": int(rng.integers(1, 20)), "temperature": float(rng.uniform(0, 2)),
+                          "max_tokens": int(rng.integers(0, 20)), "temperature": float(rng.uniform(0, 2)),
                           "top_k": int(rng.integers(0, 100)), "top_p": float(rng.uniform(0.1, 1.0)),
-                          "seed": i, "stop_ids": [int(rng.integers(2, VOCAB))]} for i in range(24)])
-    assert (engine._prefill._cache_size(), engine._decode._cache_size()) == sizes
+                          "seed": i, "stop_ids": [int(rng.integers(2, VOCAB))], "prompt_logprobs": i % 2 == 0}
+                         for i in range(24)])
+    assert engine.compilations() == 2 * len(engine.buckets) + 1
+
+
+def test_logprobs_match_a_full_forward(llama, engine):
+    """Prompt and generated tokens' log-probabilities (and their top alternatives) are those of one forward pass
+    over the whole sequence; max_tokens=0 only scores the prompt."""
+    cfg, graphdef, params = llama
+    ids = prompt(9)
+    updates = []
+    request = engine.submit(ids, max_tokens=5, prompt_logprobs=True, callback=lambda i, u: updates.append(u))
+    while not updates or updates[-1].finish_reason is None:
+        engine.step()
+    tokens = [t for u in updates for t in u.tokens]
+    logprobs = [lp for u in updates for lp in u.logprobs]
+    prompt_logprobs = updates[0].prompt_logprobs
+    assert request is not None and len(tokens) == len(logprobs) == 5 and len(prompt_logprobs) == len(ids) - 1
+    sequence = np.array([ids + tokens], np.int32)
+    logits, _ = nnx.merge(graphdef, params)(sequence, np.arange(sequence.shape[1])[None], np.ones_like(sequence))
+    expected = np.asarray(jax.nn.log_softmax(logits[0].astype(np.float32)))
+    for position, got in enumerate(prompt_logprobs + logprobs):
+        target = sequence[0, position + 1]
+        np.testing.assert_allclose(got.logprob, expected[position, target], atol=1e-4)
+        top_ids = [i for i, _ in got.top]
+        assert top_ids == list(np.argsort(-expected[position])[:TOP_LOGPROBS])
+    assert all(lp.logprob == lp.top[0][1] for lp in logprobs)  # greedy: the chosen token is the best one
+    scored = []
+    engine.submit(ids, max_tokens=0, prompt_logprobs=True, callback=lambda i, u: scored.append(u))
+    while not scored:
+        engine.step()
+    assert scored[0].tokens == [] and scored[0].finish_reason == "length"
+    assert [lp.logprob for lp in scored[0].prompt_logprobs] == [lp.logprob for lp in prompt_logprobs]
 
 
 def test_stop_length_and_cancel(engine):
@@ -162,7 +194,7 @@ def test_bad_requests_are_refused(engine, llama):
     with pytest.raises(ValueError, match="must be 1 to 63"):
         engine.submit([])
     with pytest.raises(ValueError, match="max_tokens"):
-        engine.submit([3], max_tokens=0)
+        engine.submit([3], max_tokens=-1)
     with pytest.raises(ValueError, match="seed"):
         engine.submit([3], seed=-1)
     assert not engine.has_work() and engine.step() == {}

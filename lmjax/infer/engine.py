@@ -1,10 +1,17 @@
 """Continuous batching: a fixed pool of sequence slots over one KV cache, decoded together one token per step.
 
 Each slot holds one request at its own length (the cache's write index is per row). A request waits until a
-slot is free, is prefilled into it alone (its prompt padded to a bucket, so prefill compiles once per bucket),
-and joins the decode batch at the next step. `Engine.step` runs one jitted decode over all slots with per-row
-sampling settings; a request's token n is drawn with `fold_in(PRNGKey(seed), n)`, so its samples do not depend
-on its slot or on the other requests. Finished requests free their slot at once.
+slot is free, is prefilled into it alone (its prompt padded to a power-of-two bucket, so prefill compiles once
+per bucket), and joins the decode batch at the next step. `Engine.step` runs one jitted decode over all slots
+with per-row sampling settings; a request's token n is drawn with `fold_in(PRNGKey(seed), n)`, so its samples
+do not depend on its slot or on the other requests. Finished requests free their slot at once.
+
+Every shape is fixed: decode always runs all `num_slots` rows and prefill always one row, so a request computes
+exactly the same numbers alone or among others (batch invariance), at the price of batch-1 latency paying for
+the whole pool. `warmup` compiles every shape, after which nothing compiles.
+
+Log-probabilities are those of the model's raw distribution (before temperature, top-k and top-p), with the
+`TOP_LOGPROBS` most likely alternatives, for every generated token and, on request, every prompt token.
 
 `submit` and `cancel` may be called from any thread while one thread drives `step` (or `run`).
 """
@@ -13,6 +20,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -24,18 +32,32 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import DataError
-from lmjax.infer.sampler import PROMPT_BUCKET, cache_length, prefill, sample_logits
+from lmjax.infer.sampler import cache_length, prefill_logits, sample_logits
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
 
+TOP_LOGPROBS = 20  # alternatives returned with each token's log-probability (OpenAI's maximum)
+MIN_PROMPT_BUCKET = 32  # the smallest prefill width; the others double up to the cache length
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability and the `TOP_LOGPROBS` most likely tokens at its position, best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
 
 class Update(NamedTuple):
-    """What one step did for one request: its new tokens and, once it is done, why ("stop", "length",
-    "cancelled")."""
+    """What one step did for one request: its new tokens with their log-probabilities and, once it is done, why
+    ("stop", "length", "cancelled"). The update of the step that admitted the request also has the time it was
+    admitted and, when asked for, the log-probabilities of prompt tokens 1.. (token 0 has none)."""
 
     tokens: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] = []
+    admitted_at: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 Callback = Callable[[int, Update], None]  # (request id, update), called from the thread that runs `step`
@@ -53,9 +75,26 @@ class Request:
     top_k: int
     seed: int
     stop_ids: frozenset[int]
+    prompt_logprobs: bool
     callback: Callback | None
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+
+
+def prefill_buckets(max_len: int) -> list[int]:
+    """Prefill widths: `MIN_PROMPT_BUCKET` doubling up to the cache length, which is always the last."""
+    widths = [MIN_PROMPT_BUCKET]
+    while widths[-1] < max_len:
+        widths.append(widths[-1] * 2)
+    return [w for w in widths if w < max_len] + [max_len]
+
+
+def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of `tokens` [...] under `logits` [..., V], and the top `TOP_LOGPROBS` ids and values."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return chosen, top_ids, top_values
 
 
 def _sample_row(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -66,31 +105,39 @@ def _sample_row(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k
 
 def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array, length: jax.Array,
                  seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                 graphdef: nnx.GraphDef, cfg: ModelConfig) -> tuple[jax.Array, dict]:
-    """Runs one right-padded prompt `tokens` [P] (`length` real tokens) into row `slot` of the per-row cache;
-    returns its first sampled token (token index 0 of the request) and the cache."""
-    logits, fresh = prefill(params, tokens[None], length[None], init_cache(cfg, 1, tokens.shape[0]), graphdef=graphdef)
+                 graphdef: nnx.GraphDef, cfg: ModelConfig, prompt_logprobs: bool) -> tuple[tuple, dict]:
+    """Runs one right-padded prompt `tokens` [P] (`length` real tokens) into row `slot` of the per-row cache.
+    Returns ((first sampled token, its logprob, top ids, top logprobs), and with `prompt_logprobs` the same
+    three for every prompt position's next prompt token [P - 1]) and the cache."""
+    logits, fresh = prefill_logits(params, tokens[None], length[None], init_cache(cfg, 1, tokens.shape[0]),
+                                   graphdef=graphdef)
+    last = logits[0, length - 1]
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    token = _sample_row(logits[0], rng, temperature, top_k, top_p)
+    token = _sample_row(last, rng, temperature, top_k, top_p)
+    out = (token, *_logprobs(last, token))
+    if prompt_logprobs:
+        out += _logprobs(logits[0, :-1], tokens[1:])
     put = lambda big, row: jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
     layers = [{name: put(big[name], row[name]) for name in ("k", "v")}
               for big, row in zip(cache["layers"], fresh["layers"], strict=True)]
     row_valid = jnp.arange(cache["valid"].shape[1]) < length
-    return token, {"layers": layers, "valid": put(cache["valid"], row_valid[None]),
-                   "index": cache["index"].at[slot].set(length)}
+    return out, {"layers": layers, "valid": put(cache["valid"], row_valid[None]),
+                 "index": cache["index"].at[slot].set(length)}
 
 
 def decode_slots(params: Params, cache: dict, tokens: jax.Array, active: jax.Array, seeds: jax.Array,
                  steps: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                 graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+                 graphdef: nnx.GraphDef) -> tuple[tuple, dict]:
     """Feeds each slot's last token [S] at its own cache index and samples the next one with the row's settings
-    and key `fold_in(PRNGKey(seeds), steps)`. Inactive rows compute garbage and keep their index."""
+    and key `fold_in(PRNGKey(seeds), steps)`. Returns (next tokens, their logprobs, top ids, top logprobs) and
+    the cache. Inactive rows compute garbage and keep their index."""
     index = jnp.minimum(cache["index"], cache["valid"].shape[1] - 1)
     logits, new = nnx.merge(graphdef, params)(
         tokens[:, None], index[:, None], active[:, None].astype(jnp.int32), cache={**cache, "index": index})
     rngs = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seeds, steps)
     next_tokens = jax.vmap(_sample_row)(logits[:, 0], rngs, temperature, top_k, top_p)
-    return next_tokens, {**new, "index": jnp.where(active, cache["index"] + 1, cache["index"])}
+    return ((next_tokens, *_logprobs(logits[:, 0], next_tokens)),
+            {**new, "index": jnp.where(active, cache["index"] + 1, cache["index"])})
 
 
 class Engine:
@@ -103,7 +150,10 @@ class Engine:
         self.num_slots = num_slots
         self.max_len = cache_length(self.cfg, max_len)
         self.end_ids = frozenset(end_ids)
-        self._prefill = jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg), donate_argnums=1)
+        self.buckets = prefill_buckets(self.max_len)
+        self._prefill = {
+            flag: jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg, prompt_logprobs=flag),
+                          donate_argnums=1) for flag in (False, True)}
         self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)
         self._cache = init_cache(self.cfg, num_slots, self.max_len)
         self._slots: list[Request | None] = [None] * num_slots
@@ -118,18 +168,21 @@ class Engine:
         self._wakeup = threading.Condition()
 
     def submit(self, prompt_ids: Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0, stop_ids: Iterable[int] = (), callback: Callback | None = None) -> int:
+               top_k: int = 0, seed: int = 0, stop_ids: Iterable[int] = (), prompt_logprobs: bool = False,
+               callback: Callback | None = None) -> int:
         """Queues a request and returns its id. It ends at an end id (the engine's or its `stop_ids`; the stop
-        token is not returned), after `max_tokens` tokens (capped by the free cache), or on `cancel`.
-        `callback(id, Update)` is called after every step that gives it tokens or ends it."""
+        token is not returned), after `max_tokens` tokens (capped by the free cache; 0 only prefills, e.g. to
+        score the prompt with `prompt_logprobs`), or on `cancel`. `callback(id, Update)` is called after every
+        step that gives it tokens or ends it."""
         if not 0 < len(prompt_ids) < self.max_len:
             raise DataError(f"prompt is {len(prompt_ids)} tokens; it must be 1 to {self.max_len - 1}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be at least 0, got {max_tokens}")
         if not 0 <= seed < 2**31:
             raise ValueError(f"seed must be in [0, 2**31), got {seed}")
         request = Request(next(self._ids), list(prompt_ids), min(max_tokens, self.max_len - len(prompt_ids)),
-                          temperature, top_p, top_k, seed, self.end_ids | frozenset(stop_ids), callback)
+                          temperature, top_p, top_k, seed, self.end_ids | frozenset(stop_ids), prompt_logprobs,
+                          callback)
         with self._wakeup:
             self._waiting.append(request)
             self._wakeup.notify()
@@ -145,36 +198,54 @@ class Engine:
         """Whether a request is waiting or running."""
         return bool(self._waiting) or any(r is not None for r in self._slots)
 
+    def load(self) -> tuple[int, int, float]:
+        """(running requests, waiting requests, fraction of the KV cache's positions that running requests use)."""
+        running = [r for r in self._slots if r is not None]
+        used = sum(len(r.prompt) + len(r.tokens) for r in running)
+        return len(running), len(self._waiting), used / (self.num_slots * self.max_len)
+
+    def compilations(self) -> int:
+        """How many programs prefill and decode have compiled so far."""
+        return sum(f._cache_size() for f in (*self._prefill.values(), self._decode))
+
+    def warmup(self) -> None:
+        """Compiles every prefill width (with and without prompt log-probabilities) and the decode step, so
+        that no request waits for a compilation."""
+        for width in self.buckets:
+            for flag in (False, True):
+                self.generate_all([{"prompt_ids": [0] * min(width, self.max_len - 1), "max_tokens": 1,
+                                    "prompt_logprobs": flag}])
+        self.generate_all([{"prompt_ids": [0], "max_tokens": 2}])
+
     def step(self) -> dict[int, Update]:
         """Cancels, admits waiting requests into free slots (prefill gives their first token), then decodes
         one token for every running request. Returns the update of each request that changed."""
-        updates: dict[int, tuple[Request, list[int]]] = {}
+        updates: dict[int, dict] = {}
         with self._wakeup:
             cancelled, self._cancelled = self._cancelled, set()
             for request in [r for r in self._waiting if r.id in cancelled]:
                 self._waiting.remove(request)
                 self._finish(request, "cancelled", updates)
-            admitted = []
             for slot in range(self.num_slots):
                 request = self._slots[slot]
                 if request is not None and request.id in cancelled:
                     self._finish(request, "cancelled", updates)
-                if self._slots[slot] is None and self._waiting:
-                    admitted.append((slot, self._waiting.popleft()))
-        for slot, request in admitted:
-            self._admit(slot, request, updates)
+                while self._slots[slot] is None and self._waiting:
+                    self._admit(slot, self._waiting.popleft(), updates)
         running = [slot for slot, r in enumerate(self._slots) if r is not None]
         if running:
             active = np.array([r is not None for r in self._slots])
             steps = np.array([len(r.tokens) if r else 0 for r in self._slots], np.int32)
-            tokens, self._cache = self._decode(self.params, self._cache, self._tokens, active, self._seeds, steps,
-                                               self._temperature, self._top_k, self._top_p)
-            tokens = jax.device_get(tokens)
+            out, self._cache = self._decode(self.params, self._cache, self._tokens, active, self._seeds, steps,
+                                            self._temperature, self._top_k, self._top_p)
+            tokens, chosen, top_ids, top_values = jax.device_get(out)
             for slot in running:
-                self._take(slot, int(tokens[slot]), updates)
+                self._take(slot, int(tokens[slot]), _token_logprob(chosen[slot], top_ids[slot], top_values[slot]),
+                           updates)
         done = {}
-        for request_id, (request, tokens) in updates.items():
-            done[request_id] = Update(tokens, request.finish_reason)
+        for request_id, fields in updates.items():
+            request = fields.pop("request")
+            done[request_id] = Update(finish_reason=request.finish_reason, **fields)
             if request.callback is not None:
                 request.callback(request_id, done[request_id])
         return done
@@ -201,34 +272,56 @@ class Engine:
                         pending.discard(request_id)
         return [out[i] for i in ids]
 
-    def _admit(self, slot: int, request: Request, updates: dict[int, tuple[Request, list[int]]]) -> None:
+    def _admit(self, slot: int, request: Request, updates: dict[int, dict]) -> None:
+        """Prefills `request` into `slot` and takes its first token; the slot stays free if it asked for no
+        tokens or ended at once."""
         length = len(request.prompt)
-        width = min(-(-length // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_len)
+        width = next(w for w in self.buckets if w >= length)
         tokens = np.zeros(width, np.int32)
         tokens[:length] = request.prompt
         settings = (np.float32(request.temperature), np.int32(request.top_k), np.float32(request.top_p))
-        token, self._cache = self._prefill(self.params, self._cache, np.int32(slot), tokens, np.int32(length),
-                                           np.int32(request.seed), *settings)
+        out, self._cache = self._prefill[request.prompt_logprobs](
+            self.params, self._cache, np.int32(slot), tokens, np.int32(length), np.int32(request.seed), *settings)
+        out = jax.device_get(out)
+        fields = updates.setdefault(request.id, _fields(request))
+        fields["admitted_at"] = time.time()
+        if request.prompt_logprobs:
+            chosen, top_ids, top_values = out[4:]
+            fields["prompt_logprobs"] = [_token_logprob(chosen[i], top_ids[i], top_values[i])
+                                         for i in range(length - 1)]
+        if request.max_tokens == 0:
+            self._finish(request, "length", updates)
+            return
         self._slots[slot] = request
         self._seeds[slot] = request.seed
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings
-        self._take(slot, int(token), updates)
+        self._take(slot, int(out[0]), _token_logprob(*out[1:4]), updates)
 
-    def _take(self, slot: int, token: int, updates: dict[int, tuple[Request, list[int]]]) -> None:
+    def _take(self, slot: int, token: int, logprob: TokenLogprob, updates: dict[int, dict]) -> None:
         """Records a slot's new token; frees the slot when the request ends."""
         request = self._slots[slot]
-        new = updates.setdefault(request.id, (request, []))[1]
+        fields = updates.setdefault(request.id, _fields(request))
         if token in request.stop_ids:
             self._finish(request, "stop", updates)
             return
         request.tokens.append(token)
-        new.append(token)
+        fields["tokens"].append(token)
+        fields["logprobs"].append(logprob)
         self._tokens[slot] = token
         if len(request.tokens) >= request.max_tokens:
             self._finish(request, "length", updates)
 
-    def _finish(self, request: Request, reason: str, updates: dict[int, tuple[Request, list[int]]]) -> None:
+    def _finish(self, request: Request, reason: str, updates: dict[int, dict]) -> None:
         request.finish_reason = reason
-        updates.setdefault(request.id, (request, []))
+        updates.setdefault(request.id, _fields(request))
         if request in self._slots:
             self._slots[self._slots.index(request)] = None
+
+
+def _fields(request: Request) -> dict:
+    """The fields of an `Update` being collected during a step, with the request they belong to."""
+    return {"request": request, "tokens": [], "logprobs": []}
+
+
+def _token_logprob(chosen: np.ndarray, top_ids: np.ndarray, top_values: np.ndarray) -> TokenLogprob:
+    return TokenLogprob(float(chosen), [(int(i), float(v)) for i, v in zip(top_ids, top_values, strict=True)])

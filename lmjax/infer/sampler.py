@@ -51,14 +51,21 @@ def _sample_filtered(logits: jax.Array, rng: jax.Array, temperature: jax.Array, 
     return jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf)).astype(jnp.int32)
 
 
-def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
-            graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
-    """Runs right-padded prompts [B, P] of `lengths` [B] tokens into an empty cache; returns the logits after
-    each prompt's last token [B, V] and the cache, each row's index at the end of its prompt."""
+def prefill_logits(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
+                   graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """Runs right-padded prompts [B, P] of `lengths` [B] tokens into an empty cache; returns the logits at
+    every position [B, P, V] and the cache, each row's index at the end of its prompt."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     valid = positions < lengths[:, None]
     logits, cache = nnx.merge(graphdef, params)(tokens, positions, valid.astype(jnp.int32), cache=cache)
-    return logits[jnp.arange(tokens.shape[0]), lengths - 1], {**cache, "index": lengths}
+    return logits, {**cache, "index": lengths}
+
+
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
+            graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+    """`prefill_logits`, keeping only the logits after each prompt's last token [B, V]."""
+    logits, cache = prefill_logits(params, tokens, lengths, cache, graphdef=graphdef)
+    return logits[jnp.arange(tokens.shape[0]), lengths - 1], cache
 
 
 def decode(params: Params, token: jax.Array, cache: dict, rng: jax.Array, temperature: jax.Array,
