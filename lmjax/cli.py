@@ -3,10 +3,12 @@
     lmjax train  --config configs/tiny.py [--config.model.num_layers=2 ...] --workdir runs/x
     lmjax sample --workdir runs/x --prompt "Return the" [--max-new-tokens 100 --temperature 0.8 ...]
     lmjax chat   --workdir runs/x [--temperature 0.7 --top-p 0.9 --max-new-tokens 128 --system TEXT]
-    lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N]
+    lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N --slots 8]
+    lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
+    lmjax feedback purge --workdir runs/x (--older-than-days 30 | --conversation ID)
     lmjax tokenizer train --source stdlib --vocab-size 4096 --out tok/ ; lmjax tokenizer stats --tokenizer tok/
 
 Config overrides are `--config.KEY=VALUE` (or `--config.KEY VALUE`). Errors in the user's input (configs,
@@ -131,9 +133,55 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise ConfigError("demo takes no --config overrides (the run's config is used)")
-    engine = ChatEngine.from_workdir(args.workdir, args.step)
+    engine = ChatEngine.from_workdir(args.workdir, args.step, num_slots=args.slots)
     engine.warmup()
     launch(engine, host=args.host, port=args.port)
+
+
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    import ipaddress
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from lmjax.serve.api import ServeSettings, create_app
+    from lmjax.serve.auth import read_keys
+    from lmjax.serve.engine import ChatEngine
+    from lmjax.serve.feedback import FeedbackStore
+    from lmjax.serve.safety import ContentFilter
+    from lmjax.text.blocklist import Blocklist
+
+    if overrides:
+        raise ConfigError("serve takes no --config overrides (the run's config is used)")
+    keys = read_keys(args.api_keys) if args.api_keys else None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if keys is None and not loopback and not args.allow_unauthenticated:
+        raise ConfigError(f"refusing to listen on {args.host} without API keys: pass --api-keys FILE, or "
+                          "--allow-unauthenticated if the network in front of it is trusted")
+    access = logging.getLogger("lmjax.access")
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    handler = logging.FileHandler(args.access_log) if args.access_log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    engine = ChatEngine.from_workdir(args.workdir, args.step, num_slots=args.slots)
+    feedback = FeedbackStore.for_workdir(engine.workdir.path, scrub=not args.no_pii_scrub)
+    settings = ServeSettings(
+        model_name=args.model_name or Path(args.workdir).resolve().name, keys=keys,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue, request_timeout=args.request_timeout, log_prompts=args.log_prompts,
+        store_chats=not args.no_store_chats)
+    content_filter = None if args.no_content_filter else ContentFilter(Blocklist.default(), feedback)
+    app = create_app(engine, settings, feedback, content_filter)
+    print(f"lmjax serve: {settings.model_name} (step {engine.step}, {engine.context}-token context, "
+          f"{args.slots} slots) on http://{args.host}:{args.port}/v1; compiling, /health turns 200 when ready",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -203,6 +251,27 @@ def cmd_feedback_export(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"wrote {len(pairs)} preference pairs to {args.out}")
 
 
+def cmd_feedback_purge(args: argparse.Namespace, overrides: list[str]) -> None:
+    import time
+    from pathlib import Path
+
+    from lmjax.run.workdir import WorkdirError
+    from lmjax.serve.feedback import FILENAME, FeedbackStore
+
+    db = Path(args.workdir) / FILENAME
+    if not db.is_file():
+        raise WorkdirError(f"{args.workdir} has no feedback database ({FILENAME})")
+    if (args.older_than_days is None) == (args.conversation is None):
+        raise ConfigError("pass exactly one of --older-than-days and --conversation")
+    store = FeedbackStore(db)
+    if args.conversation is not None:
+        count = store.purge(session_id=args.conversation)
+        print(f"deleted {count} stored replies of conversation {args.conversation}")
+    else:
+        count = store.purge(older_than=time.time() - args.older_than_days * 86400)
+        print(f"deleted {count} stored replies older than {args.older_than_days:g} days")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description="Train and sample small language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,7 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--slots", type=int, default=8, help="conversations generated at once")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a trained run over an OpenAI-compatible HTTP API")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-keys", help="TOML file of API keys and their limits (see lmjax/serve/auth.py)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow a non-loopback --host without --api-keys")
+    p.add_argument("--model-name", help="model id clients use (default: the run directory's name)")
+    p.add_argument("--slots", type=int, default=16, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context - 1)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    p.add_argument("--access-log", help="file for the JSON access log (default: stderr)")
+    p.add_argument("--log-prompts", action="store_true", help="put prompt text in the access log")
+    p.add_argument("--no-content-filter", action="store_true", help="turn the blocklist filter off")
+    p.add_argument("--no-pii-scrub", action="store_true", help="store conversation text without PII scrubbing")
+    p.add_argument("--no-store-chats", action="store_true",
+                   help="do not keep chat completions (then /v1/feedback cannot rate them)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")
@@ -276,12 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_eval_chat)
 
-    feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo").add_subparsers(
+    feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo and the API").add_subparsers(
         dest="feedback_command", required=True)
     p = feedback.add_parser("export", help="write (prompt, chosen, rejected) pairs as JSONL for DPO")
     p.add_argument("--workdir", required=True, help="run directory holding the feedback database")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.set_defaults(func=cmd_feedback_export)
+    p = feedback.add_parser("purge", help="delete stored conversations by age or by conversation id")
+    p.add_argument("--workdir", required=True, help="run directory holding the feedback database")
+    p.add_argument("--older-than-days", type=float, default=None, help="delete what is older than this")
+    p.add_argument("--conversation", default=None, help="delete this session / completion id")
+    p.set_defaults(func=cmd_feedback_purge)
 
     p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
     p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")

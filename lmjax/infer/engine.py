@@ -51,13 +51,15 @@ class TokenLogprob(NamedTuple):
 class Update(NamedTuple):
     """What one step did for one request: its new tokens with their log-probabilities and, once it is done, why
     ("stop", "length", "cancelled"). The update of the step that admitted the request also has the time it was
-    admitted and, when asked for, the log-probabilities of prompt tokens 1.. (token 0 has none)."""
+    admitted and, when asked for, the log-probabilities of prompt tokens 1.. (token 0 has none). A request that
+    ends at an end id has that id and its log-probability in `stop_token` (it is not one of `tokens`)."""
 
     tokens: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] = []
     admitted_at: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    stop_token: tuple[int, TokenLogprob] | None = None
 
 
 Callback = Callable[[int, Update], None]  # (request id, update), called from the thread that runs `step`
@@ -302,6 +304,7 @@ class Engine:
         request = self._slots[slot]
         fields = updates.setdefault(request.id, _fields(request))
         if token in request.stop_ids:
+            fields["stop_token"] = (token, logprob)
             self._finish(request, "stop", updates)
             return
         request.tokens.append(token)

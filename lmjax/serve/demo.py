@@ -1,7 +1,8 @@
 """The chat demo: a Gradio page over a `ChatEngine`, storing votes and edits in a `FeedbackStore`.
 
-Every browser session has its own conversation (a `gr.State`); generation shares one queue slot, so
-users take turns on the model. Analytics are off and nothing is shared outside the host.
+Every browser session has its own conversation (a `gr.State`); up to one reply per engine slot is generated
+at once, on the same continuous-batching engine as the HTTP API, so several people chat at the same time.
+Analytics are off and nothing is shared outside the host.
 """
 
 import os
@@ -144,7 +145,7 @@ def build_demo(engine: ChatEngine, feedback: FeedbackStore, content_filter: Cont
                     gr.JSON(engine.model_card(), show_label=False)
 
         controls = [system, temperature, top_p, max_tokens]
-        run = {"concurrency_limit": 1, "concurrency_id": "model"}
+        run = {"concurrency_limit": engine.engine.num_slots, "concurrency_id": "model"}
         submitted = message.submit(respond, [message, state, *controls], [message, chatbot, state],
                                    api_name="chat", **run)
         clicked = send.click(respond, [message, state, *controls], [message, chatbot, state], api_name=False, **run)

@@ -1,16 +1,19 @@
-"""A chat engine over a trained run: chat template in, streamed reply text out.
+"""A chat engine over a trained run: chat template in, streamed reply text out, many conversations at once.
 
-One `Sampler` with a batch-1 KV cache of the model's full context serves every turn, so the decode
-step compiles once; the prompt is padded to a bucket, so prefill compiles for few lengths.
+It owns a continuous-batching `Engine` (lmjax/infer/engine.py) driven by one background thread, started on
+first use; the demo, the terminal chat and the HTTP API all submit to it, so several users share the model's
+decode steps.
 """
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
 from lmjax.config import DataError
-from lmjax.infer.sampler import Sampler
+from lmjax.infer.engine import Engine, Update
 from lmjax.model.params import Params, count_params
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import Workdir, open_workdir, read_metrics
@@ -22,21 +25,46 @@ class ChatEngine:
     """Streams assistant replies to conversations of {role, content} messages."""
 
     def __init__(self, cfg: ConfigDict, graphdef, params: Params, tokenizer: Tokenizer, step: int | None = None,
-                 workdir: Workdir | None = None):
+                 workdir: Workdir | None = None, num_slots: int = 8):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.step = step
         self.workdir = workdir
         self.num_params = count_params(params)
-        self.sampler = Sampler(cfg.model, graphdef, params, tokenizer)
-        self.context = self.sampler.max_len
+        end_ids = (tokenizer.eos_id, tokenizer.special_ids["<|end|>"])
+        self.engine = Engine(cfg.model, graphdef, params, num_slots, end_ids=end_ids)
+        self.context = self.engine.max_len
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @classmethod
-    def from_workdir(cls, path: str | Path, step: int | None = None) -> "ChatEngine":
+    def from_workdir(cls, path: str | Path, step: int | None = None, num_slots: int = 8) -> "ChatEngine":
         """The engine of a trained run, from checkpoint `step` (default latest)."""
         wd = open_workdir(path)
         cfg, graphdef, params, tokenizer, step = restore_model(wd, step)
-        return cls(cfg, graphdef, params, tokenizer, step, wd)
+        return cls(cfg, graphdef, params, tokenizer, step, wd, num_slots)
+
+    def start(self, warmup: bool = False) -> None:
+        """Starts the thread that runs the engine (after compiling every shape, with `warmup`); idempotent."""
+        with self._lock:
+            if self._thread is None:
+                if warmup:
+                    self.engine.warmup()
+                self._thread = threading.Thread(target=self.engine.run, args=(self._stop,), daemon=True,
+                                                name="lmjax-engine")
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stops the engine thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt_ids: Sequence[int], callback: Callable[[int, Update], None], **settings) -> int:
+        """Queues a generation (see `Engine.submit`), starting the engine thread if needed; returns its id."""
+        self.start()
+        return self.engine.submit(prompt_ids, callback=callback, **settings)
 
     def reply_budget(self, max_new_tokens: int) -> int:
         """Context slots kept free for the reply: `max_new_tokens`, but at most a quarter of the context."""
@@ -77,18 +105,29 @@ class ChatEngine:
 
     def stream_reply(self, messages: Sequence[Message], temperature: float = 0.7, top_p: float = 0.9,
                      max_new_tokens: int = 128, seed: int = 0) -> Iterator[str]:
-        """Yields the reply text so far after every token, to the end of the turn or max_new_tokens."""
+        """Yields the reply text so far after every token, to the end of the turn or max_new_tokens. Closing
+        the iterator early cancels the generation."""
         ids = self.prompt_ids(messages, max_new_tokens)
-        last = None
-        for texts in self.sampler.stream([], max_new_tokens, temperature, 0, top_p, seed=seed, prompt_ids=[ids]):
-            text = texts[0].lstrip()
-            if text != last:
-                last = text
-                yield text
+        updates: queue.Queue[Update] = queue.Queue()
+        request = self.submit(ids, lambda _, update: updates.put(update), max_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed)
+        tokens, last, finished = [], None, False
+        try:
+            while not finished:
+                update = updates.get()
+                tokens += update.tokens
+                finished = update.finish_reason is not None
+                text = self.tokenizer.decode(tokens).lstrip()
+                if text != last:
+                    last = text
+                    yield text
+        finally:
+            if not finished:
+                self.engine.cancel(request)
 
     def warmup(self) -> None:
-        """Compiles prefill (shortest bucket) and decode, so the first user does not wait for it."""
-        self.reply([{"role": "user", "content": "hi"}], max_new_tokens=2)
+        """Compiles every prefill width and the decode step, so that no user waits for a compilation."""
+        self.start(warmup=True)
 
     def reply(self, messages: Sequence[Message], **settings) -> str:
         """The whole reply (see `stream_reply`)."""

@@ -35,21 +35,33 @@ class ContentFilter:
             self._log("blocked_input", term, text, session_id)
         return term is not None
 
+    def verdict(self, text: str) -> tuple[int, bool]:
+        """How much of a growing reply may be shown, and whether it is blocked. A match that reaches the very
+        end of `text` (a word perhaps still growing) holds the text back from its start; a match followed by
+        more text blocks it."""
+        match = self.blocklist.regex.search(text)
+        if match is None:
+            return len(text), False
+        return match.start(), match.end() < len(text)
+
+    def record_block(self, text: str, session_id: str = "") -> None:
+        """Logs (and stores) that a reply was blocked."""
+        self._log("blocked_output", self.check(text) or "", text, session_id)
+
     def screen_stream(self, stream: Iterator[str], session_id: str = "") -> Iterator[str]:
-        """Passes on a growing reply; once it matches, yields the refusal instead and stops. Text whose
-        match reaches its very end (a word perhaps still growing) is held back until the next update."""
+        """Passes on a growing reply; once it matches, yields the refusal instead and stops (see `verdict`)."""
         text, held = None, False
         for text in stream:
-            match = self.blocklist.regex.search(text)
-            held = match is not None
-            if match is None:
-                yield text
-            elif match.end() < len(text):
+            shown, blocked = self.verdict(text)
+            if blocked:
                 yield self._block(text, session_id)
                 return
+            held = shown < len(text)
+            if not held:
+                yield text
         if held:
             yield self._block(text, session_id)
 
     def _block(self, text: str, session_id: str) -> str:
-        self._log("blocked_output", self.check(text) or "", text, session_id)
+        self.record_block(text, session_id)
         return self.refusal

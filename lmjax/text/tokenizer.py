@@ -146,6 +146,19 @@ class Tokenizer:
         ids = ids[(ids >= 0) & (ids < self.vocab_size)]
         return self.sp.decode([int(i) for i in ids[~self._hidden[ids]]])
 
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each id's piece as text (the space mark shown as a space; byte pieces as `<0xNN>`; special tokens as
+        their names): how APIs show single tokens, e.g. in log-probabilities."""
+        return [self.sp.id_to_piece(int(i)).replace(SPACE_MARK, " ") if 0 <= i < self.vocab_size else "" for i in ids]
+
+    def token_utf8(self, token_id: int) -> list[int]:
+        """The UTF-8 bytes one token stands for (a byte piece: its byte; a special token: none)."""
+        if not 0 <= token_id < self.vocab_size or self._hidden[token_id]:
+            return []
+        if self.sp.is_byte(token_id):
+            return [int(self.sp.id_to_piece(token_id)[3:5], 16)]
+        return list(self.sp.id_to_piece(token_id).replace(SPACE_MARK, " ").encode())
+
     def token_bytes(self) -> np.ndarray:
         """int32 [vocab_size]: UTF-8 bytes each token adds to decoded text (0 for hidden tokens)."""
         out = np.zeros(self.vocab_size, dtype=np.int32)
