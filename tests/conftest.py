@@ -98,3 +98,76 @@ def trained_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
     result = train(tiny_config(), workdir)
     return workdir, result
+
+
+API_KEYS = {  # name -> (key, requests per minute, tokens per minute) of the session's API server
+    "alice": ("sk-test-alice-0123456789", None, None),
+    "bob": ("sk-test-bob-0123456789ab", 3, None),
+    "carol": ("sk-test-carol-0123456789", None, 40),
+}
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                     access_log=False, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float = 300) -> "LiveServer":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.url} did not become ready")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chat_engine(trained_run):
+    """One engine (8 slots) on the trained run, shared by every server of the session."""
+    from lmjax.serve.engine import ChatEngine
+
+    engine = ChatEngine.from_workdir(trained_run[0], num_slots=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def api_server(chat_engine, trained_run):
+    """(LiveServer, Api) of the trained run with `API_KEYS`, the content filter and the feedback store."""
+    from lmjax.serve.api import Api, ServeSettings
+    from lmjax.serve.auth import ApiKey
+    from lmjax.serve.feedback import FeedbackStore
+    from lmjax.serve.safety import ContentFilter
+    from lmjax.text.blocklist import Blocklist
+
+    keys = [ApiKey(name, key, rpm, tpm) for name, (key, rpm, tpm) in API_KEYS.items()]
+    feedback = FeedbackStore.for_workdir(trained_run[0])
+    settings = ServeSettings(model_name="tiny", keys=keys, max_body_bytes=64 * 1024, request_timeout=120)
+    api = Api(chat_engine, settings, feedback, ContentFilter(Blocklist.default(), feedback))
+    server = LiveServer(api.app).wait_ready()
+    yield server, api
+    server.stop()

@@ -148,6 +148,7 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig | ConfigDict, graphdef: nnx.GraphDef, params: Params,
                  num_slots: int = 8, max_len: int | None = None, end_ids: Iterable[int] = ()):
         self.cfg = ModelConfig.from_config(model_cfg)
+        self.graphdef = graphdef
         self.params = params
         self.num_slots = num_slots
         self.max_len = cache_length(self.cfg, max_len)
@@ -157,7 +158,10 @@ class Engine:
             flag: jax.jit(functools.partial(prefill_slot, graphdef=graphdef, cfg=self.cfg, prompt_logprobs=flag),
                           donate_argnums=1) for flag in (False, True)}
         self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)
-        self._cache = init_cache(self.cfg, num_slots, self.max_len)
+        # Committed to the parameters' device like every later (jit-output) cache, so the first call's
+        # signature is the same as the others' and does not compile twice.
+        device = next(iter(jax.tree.leaves(params)[0].devices()))
+        self._cache = jax.device_put(init_cache(self.cfg, num_slots, self.max_len), device)
         self._slots: list[Request | None] = [None] * num_slots
         self._tokens = np.zeros(num_slots, np.int32)
         self._seeds = np.zeros(num_slots, np.int32)
