@@ -164,12 +164,12 @@ class Api:
 
         @app.get("/tokenizer_info", dependencies=auth)
         async def tokenizer_info():
+            # bos/eos have no text form here (text never produces a control token), so their text fields are
+            # null: a client that would look their ids up by tokenizing the text gets no silently wrong id.
             tok = self.tokenizer
-            names = tok.token_strings([tok.bos_id, tok.eos_id])
             return {"tokenizer_class": "SentencePiece (lmjax)", "vocab_size": tok.vocab_size,
-                    "bos_token": names[0], "eos_token": names[1], "bos_token_id": tok.bos_id,
-                    "eos_token_id": tok.eos_id, "pad_token": None, "model_max_length": self.context,
-                    "special_tokens": tok.special_ids}
+                    "bos_token": None, "eos_token": None, "pad_token": None, "bos_token_id": tok.bos_id,
+                    "eos_token_id": tok.eos_id, "model_max_length": self.context, "special_tokens": tok.special_ids}
 
         @app.post("/tokenize", dependencies=auth)
         async def tokenize(body: TokenizeRequest):
