@@ -155,6 +155,31 @@ def test_demo_streams_a_reply_through_gradio_client(demo_server):
     client.close()
 
 
+def test_demo_serves_several_people_at_once(demo_server, engine):
+    """Three browser sessions asking at the same time are decoded in the same engine steps."""
+    from gradio_client import Client
+
+    url, _ = demo_server
+    running = []
+    step = engine.engine.step
+
+    def counting_step():
+        running.append(engine.engine.load()[0])
+        return step()
+
+    engine.engine.step = counting_step
+    try:
+        clients = [Client(url, verbose=False) for _ in range(3)]
+        jobs = [c.submit(f"What does zip do? {i}", "", 1.0, 1.0, 24, api_name="/chat") for i, c in enumerate(clients)]
+        chats = [job.result()[1] for job in jobs]
+    finally:
+        del engine.engine.step
+    assert all(chat[-1]["role"] == "assistant" for chat in chats)
+    assert max(running) >= 2
+    for c in clients:
+        c.close()
+
+
 def test_demo_refuses_blocked_input(demo_server):
     from gradio_client import Client
 
