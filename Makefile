@@ -11,7 +11,7 @@ VENV := .venv
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 PIP := $(VENV)/bin/pip install -q --disable-pip-version-check -c requirements.lock
 
-.PHONY: quickstart test browser clean
+.PHONY: quickstart test browser prometheus clean
 
 $(VENV)/.core: pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	} || echo "chromium could not be installed: the browser test will be skipped"
 
-test: $(VENV)/.dev browser
+# The Prometheus tests scrape the API server with Debian's Prometheus and lint /metrics with its
+# promtool; they are skipped where the package cannot be installed (not root, no apt).
+prometheus:
+	@test -x /usr/bin/prometheus -a -x /usr/bin/promtool || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	} || echo "prometheus could not be installed: the Prometheus tests will be skipped"
+
+test: $(VENV)/.dev browser prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 

@@ -145,6 +145,10 @@ def test_error_paths(server):
     assert "top_p" in body["message"]
     error(post(server, "/v1/completions", {"prompt": []}), 422)
     assert error(post(server, "/v1/completions", {"prompt": [1, 10**6]}), 400)["code"] == "invalid_token"
+    body = error(post(server, "/v1/completions", {"prompt": ["a"] * 17, "n": 16, "max_tokens": 1}), 400)
+    assert body["code"] == "too_many_sequences" and "272" in body["message"]
+    assert error(httpx.request("BREW", f"{server.url}/health"), 405)["type"] == "invalid_request_error"
+    assert 'method="BREW"' not in httpx.get(f"{server.url}/metrics").text
     body = error(post(server, "/v1/completions", {"prompt": "x" * 70_000}), 413)
     assert "bytes" in body["message"]
     error(httpx.get(f"{server.url}/v1/nowhere", headers={"Authorization": f"Bearer {ALICE}"}), 404)
@@ -167,9 +171,11 @@ def test_rate_limits_give_429_with_retry_after(server):
                                 429)["message"]
 
 
-def test_queue_full_and_not_ready_give_503(chat_engine):
+def test_queue_full_and_not_ready_give_503(chat_engine, monkeypatch):
+    monkeypatch.setattr(chat_engine.engine, "load", lambda: (8, 4, 1.0))  # every slot busy, 4 waiting
+
     async def run() -> tuple[httpx.Response, httpx.Response]:
-        api = Api(chat_engine, ServeSettings(model_name="tiny", max_queue=0))
+        api = Api(chat_engine, ServeSettings(model_name="tiny", max_queue=4))
         transport = httpx.ASGITransport(app=api.app)  # no lifespan: the model never becomes ready
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             not_ready = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})

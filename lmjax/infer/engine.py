@@ -3,8 +3,9 @@
 Each slot holds one request at its own length (the cache's write index is per row). A request waits until a
 slot is free, is prefilled into it alone (its prompt padded to a power-of-two bucket, so prefill compiles once
 per bucket), and joins the decode batch at the next step. `Engine.step` runs one jitted decode over all slots
-with per-row sampling settings; a request's token n is drawn with `fold_in(PRNGKey(seed), n)`, so its samples
-do not depend on its slot or on the other requests. Finished requests free their slot at once.
+with per-row sampling settings; a request's token n is drawn with `fold_in(PRNGKey(seed), n)` (as row 0, see
+`row_key`), so its samples do not depend on its slot or on the other requests. Finished requests free their
+slot at once.
 
 Every shape is fixed: decode always runs all `num_slots` rows and prefill always one row, so a request computes
 exactly the same numbers alone or among others (batch invariance), at the price of batch-1 latency paying for
@@ -32,7 +33,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import DataError
-from lmjax.infer.sampler import cache_length, prefill_logits, sample_logits
+from lmjax.infer.sampler import cache_length, prefill_logits, row_key, sample_rows
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
@@ -99,12 +100,6 @@ def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     return chosen, top_ids, top_values
 
 
-def _sample_row(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array) -> jax.Array:
-    """`sample_logits` for one row's logits [V] and settings."""
-    return sample_logits(logits[None], rng, temperature, top_k, top_p)[0]
-
-
 def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array, length: jax.Array,
                  seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
                  graphdef: nnx.GraphDef, cfg: ModelConfig, prompt_logprobs: bool) -> tuple[tuple, dict]:
@@ -114,8 +109,8 @@ def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array
     logits, fresh = prefill_logits(params, tokens[None], length[None], init_cache(cfg, 1, tokens.shape[0]),
                                    graphdef=graphdef)
     last = logits[0, length - 1]
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    token = _sample_row(last, rng, temperature, top_k, top_p)
+    rng = row_key(jax.random.fold_in(jax.random.PRNGKey(seed), 0), 0)
+    token = sample_rows(last[None], rng[None], temperature[None], top_k[None], top_p[None])[0]
     out = (token, *_logprobs(last, token))
     if prompt_logprobs:
         out += _logprobs(logits[0, :-1], tokens[1:])
@@ -131,13 +126,13 @@ def decode_slots(params: Params, cache: dict, tokens: jax.Array, active: jax.Arr
                  steps: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
                  graphdef: nnx.GraphDef) -> tuple[tuple, dict]:
     """Feeds each slot's last token [S] at its own cache index and samples the next one with the row's settings
-    and key `fold_in(PRNGKey(seeds), steps)`. Returns (next tokens, their logprobs, top ids, top logprobs) and
-    the cache. Inactive rows compute garbage and keep their index."""
+    and key `fold_in(PRNGKey(seeds), steps)` (as row 0). Returns (next tokens, their logprobs, top ids, top
+    logprobs) and the cache. Inactive rows compute garbage and keep their index."""
     index = jnp.minimum(cache["index"], cache["valid"].shape[1] - 1)
     logits, new = nnx.merge(graphdef, params)(
         tokens[:, None], index[:, None], active[:, None].astype(jnp.int32), cache={**cache, "index": index})
-    rngs = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seeds, steps)
-    next_tokens = jax.vmap(_sample_row)(logits[:, 0], rngs, temperature, top_k, top_p)
+    rngs = jax.vmap(lambda s, n: row_key(jax.random.fold_in(jax.random.PRNGKey(s), n), 0))(seeds, steps)
+    next_tokens = sample_rows(logits[:, 0], rngs, temperature, top_k, top_p)
     return ((next_tokens, *_logprobs(logits[:, 0], next_tokens)),
             {**new, "index": jnp.where(active, cache["index"] + 1, cache["index"])})
 

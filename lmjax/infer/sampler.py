@@ -26,29 +26,56 @@ from lmjax.text.tokenizer import Tokenizer
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this so prefill compiles for few lengths
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
-    """Next tokens [B] from logits [B, V]: greedy when temperature <= 0, else softmax(logits / T)
-    restricted to the top_k most likely tokens (0 = all) and the smallest set of mass >= top_p.
-    `temperature` is a scalar; greedy decoding skips the sort over the vocabulary. The model's masked
-    padding ids (see `MASKED_LOGIT`) rank last and get probability 0, so V may be the padded vocabulary."""
+def sample_rows(logits: jax.Array, rngs: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Next tokens [B] from logits [B, V], each row with its own key and settings ([B] each): greedy where
+    temperature <= 0, else softmax(logits / T) restricted to the row's top_k most likely tokens (0 = all) and
+    the smallest set of mass >= top_p. A row's token depends only on its own logits, key and settings (the
+    same alone or in any batch); the sort over the vocabulary runs only when some row filters, and sampling
+    only when some row samples. The model's masked padding ids (see `MASKED_LOGIT`) get probability 0, so V
+    may be the padded vocabulary."""
     logits = logits.astype(jnp.float32)
-    return jax.lax.cond(temperature <= 0, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                        lambda: _sample_filtered(logits, rng, temperature, top_k, top_p))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        filters = (top_k > 0) | (top_p < 1)
+        masked = jax.lax.cond(jnp.any(filters), lambda: _filter(scaled, top_k, top_p, filters), lambda: scaled)
+        draws = jax.vmap(jax.random.categorical)(rngs, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, draws, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def _sample_filtered(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                     top_p: jax.Array) -> jax.Array:
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
+def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, filters: jax.Array) -> jax.Array:
+    """`scaled` [B, V] with the tokens outside each filtering row's top-k / top-p set at -inf; rows that do not
+    filter come back unchanged."""
+    vocab = scaled.shape[-1]
     ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
     rank = jnp.arange(vocab)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
     ranked = jnp.where(rank < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
-    kept = (rank == 0) | ((rank < k) & (jnp.cumsum(probs, axis=-1) - probs < top_p))
+    kept = (rank == 0) | ((rank < k) & (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]))
     cutoff = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-    return jax.random.categorical(rng, jnp.where(scaled >= cutoff, scaled, -jnp.inf)).astype(jnp.int32)
+    cutoff = jnp.where(filters[:, None], cutoff, -jnp.inf)
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+    """`sample_rows` with one setting of each kind (scalars) for the whole batch; row r samples with key
+    `fold_in(rng, r)` (see `row_key`)."""
+    batch = logits.shape[0]
+    full = lambda x: jnp.full((batch,), x)
+    rngs = jax.vmap(functools.partial(row_key, rng))(jnp.arange(batch))
+    return sample_rows(logits, rngs, full(temperature), full(top_k), full(top_p))
+
+
+def row_key(step_key: jax.Array, row: jax.Array) -> jax.Array:
+    """The sampling key of batch row `row` at a step: so a prompt samples the same tokens as row 0 of a batch
+    as the continuous-batching engine, which gives every request row 0 (lmjax/infer/engine.py)."""
+    return jax.random.fold_in(step_key, row)
 
 
 def prefill_logits(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,

@@ -46,6 +46,7 @@ from lmjax.serve.safety import ContentFilter
 from lmjax.text.chat_template import encode_chat
 
 access_log = logging.getLogger("lmjax.access")
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # others count as "other"
 log = logging.getLogger(__name__)
 
 
@@ -68,8 +69,8 @@ class ApiError(Exception):
     """An error response in OpenAI's shape."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             503: "service_unavailable", 504: "timeout"}
+             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+             429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -286,8 +287,12 @@ class Api:
 
     def _admit(self, key: ApiKey | None, prompts: list[list[int]], n: int, max_tokens: int) -> None:
         """503 if the queue is full; 429 if `key` is over its tokens per minute (prompts + max_tokens)."""
+        sequences = len(prompts) * n
+        if sequences > self.settings.max_queue:
+            raise ApiError(400, f"the request asks for {sequences} sequences (prompts x n); this server queues at "
+                           f"most {self.settings.max_queue}", "n", "too_many_sequences")
         _, waiting, _ = self.engine.engine.load()
-        if waiting + len(prompts) * n > self.settings.max_queue:
+        if waiting + sequences > self.settings.max_queue:
             raise ApiError(503, f"the server is at capacity ({waiting} requests waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
         if key is not None and self.keyring is not None:
@@ -665,7 +670,8 @@ class Edge:
             path = scope.get("path", "")
             route = scope.get("route")
             handler = getattr(route, "path", path if path in self.known else "unmatched")
-            self.api.metrics.http(handler, scope.get("method", ""), status["code"])
+            method = scope.get("method", "")
+            self.api.metrics.http(handler, method if method in HTTP_METHODS else "other", status["code"])
             record = {"time": round(time.time(), 3), "request_id": request_id, "method": scope.get("method"),
                       "path": path, "status": status["code"], "key": state.get("key_name"),
                       "latency_s": round(time.perf_counter() - start, 4), **(state.get("usage") or {})}

@@ -20,7 +20,7 @@ Every metric has a `model_name` label. Each server has its own registry (several
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                    10.0, 20.0, 40.0, 80.0)
@@ -32,6 +32,7 @@ class Metrics:
 
     def __init__(self, model_name: str, load: Callable[[], tuple[int, int, float]]):
         """`load()` gives (running, waiting, KV-cache use) and is read at every scrape."""
+        disable_created_metrics()  # no *_created series beside every counter and histogram (as vLLM)
         self.registry = CollectorRegistry()
         self.model_name = model_name
         label = ["model_name"]
