@@ -107,12 +107,16 @@ class Generator:
             torch.manual_seed(request.seed)
         sample = request.temperature > 0
         with torch.inference_mode():
-            self.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=request.max_tokens, do_sample=sample,
-                temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
-                top_k=None, eos_token_id=self.eos_id, pad_token_id=self.pad_id, streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+            try:
+                self.model.generate(
+                    torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=request.max_tokens, do_sample=sample,
+                    temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
+                    top_k=None, eos_token_id=self.eos_id, pad_token_id=self.pad_id, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+            except Exception:
+                streamer.end()  # unblocks the reader, which then gets the exception from the job
+                raise
 
     async def tokens(self, ids: list[int], request: CompletionRequest) -> AsyncIterator[int]:
         """The new token ids of one request as `generate` produces them, once its turn comes (the end-of-text

@@ -29,10 +29,12 @@ What it prints, per server and level: requests, errors, output tokens, wall time
 output tokens / wall time of the level), TTFT p50/p99 (request sent -> first chunk with text), ITL p50/p99
 (gaps between successive chunks with text), TPOT p50 ((latency - TTFT) / (tokens - 1) per request) and the
 client's own CPU use (it shares the machine with the server). Then the ratios: lmjax at 16 clients vs lmjax
-at 1, vs transformers at 16 and vs llama.cpp at 16 (the highest level run, with --levels/--quick), and the
+at 1, vs transformers at 16 and vs llama.cpp at 16 (or at the highest level run when 16 is not), and the
 HTTP + scheduling overhead at batch 1: lmjax's ITL p50 at 1 client against the bare `Engine.step()` time
-with one active request in an engine of the server's slot count, timed in this process before any server
-starts. Everything is also written to --work/results.json.
+with one active request in an engine of the server's slot count, timed in this process before the lmjax
+servers start and after they stop (the mean of the two; the host is noisy); and the same for an extra
+`lmjax serve --slots 1` run at 1 client against a 1-slot engine (there the step is small, so the HTTP and
+scheduling cost shows). Everything is also written to --work/results.json.
 """
 
 import argparse
@@ -57,6 +59,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +70,8 @@ FULL_LEVELS = (1, 4, 16, 64)
 QUICK_LEVELS = (1, 4)
 RATIO_LEVEL = 16
 SERVERS = ("lmjax", "hf", "llamacpp")
-LABELS = {"lmjax": "lmjax serve", "hf": "transformers generate", "llamacpp": "llama.cpp (llama-cpp-python)"}
+LABELS = {"lmjax": "lmjax serve", "lmjax_1slot": "lmjax serve --slots 1 (batch-1 overhead run)",
+          "hf": "transformers generate", "llamacpp": "llama.cpp (llama-cpp-python)"}
 DEFAULT_LLAMACPP_PYTHON = Path.home() / ".cache/lmjax/llamacpp-venv/bin/python"
 DEFAULT_CONVERTER_GLOB = str(Path.home() / ".cache/lmjax/sdist/llama_cpp_python-*/vendor/llama.cpp"
                              / "convert_hf_to_gguf.py")
@@ -106,6 +110,8 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Artefacts:
+    """Where the built tokenizer, HF checkpoint, lmjax run directory and GGUF (if any) are."""
+
     tokenizer_dir: Path
     hf_dir: Path
     run_dir: Path
@@ -120,7 +126,10 @@ def build_artefacts(work: Path, spec: ModelSpec, llamacpp_python: Path | None, c
         print(f"[build] {work} was built for another model; rebuilding", flush=True)
         for name in ("tokenizer", "hf", "run", "model-f32.gguf"):
             target = work / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(wanted)
     tokenizer_dir = make_tokenizer(work / "tokenizer", spec)
@@ -152,7 +161,7 @@ def non_text_ids(tokenizer_dir: Path) -> list[int]:
 
 def make_hf_checkpoint(out: Path, tokenizer_dir: Path, spec: ModelSpec) -> Path:
     """A seeded random LlamaForCausalLM (float32) with the tokenizer, as `save_pretrained` writes it."""
-    if (out / "model.safetensors").is_file():
+    if out.is_dir():
         return out
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -174,8 +183,9 @@ def make_hf_checkpoint(out: Path, tokenizer_dir: Path, spec: ModelSpec) -> Path:
     with torch.no_grad():
         model.lm_head.weight[non_text_ids(tokenizer_dir)] = 0.0
     model.generation_config.pad_token_id = PAD_ID
-    model.save_pretrained(out)
-    shutil.copy(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
+    partial = _fresh(out.with_name(out.name + ".partial"))
+    model.save_pretrained(partial)
+    shutil.copy(tokenizer_dir / "tokenizer.model", partial / "tokenizer.model")
     pieces = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
     ids = {"unk_token": UNK_ID, "bos_token": BOS_ID, "eos_token": EOS_ID, "pad_token": PAD_ID}
     tokenizer_config = {
@@ -184,15 +194,24 @@ def make_hf_checkpoint(out: Path, tokenizer_dir: Path, spec: ModelSpec) -> Path:
         "added_tokens_decoder": {str(ids[k]): {"content": v, "special": True, "lstrip": False, "rstrip": False,
                                                "normalized": False, "single_word": False} for k, v in pieces.items()},
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(pieces, indent=2))
+    (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (partial / "special_tokens_map.json").write_text(json.dumps(pieces, indent=2))
+    partial.rename(out)
     return out
+
+
+def _fresh(path: Path) -> Path:
+    """An empty directory at `path` (a leftover of an interrupted build is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def make_run_dir(out: Path, hf_dir: Path, tokenizer_dir: Path) -> Path:
     """Imports the HF checkpoint into an lmjax run directory that `lmjax serve --workdir` loads, and checks
     that the restored model's logits match transformers'."""
-    if (out / "config.json").is_file() and (out / "checkpoints").is_dir():
+    if out.is_dir():
         return out
     import jax
 
@@ -203,23 +222,21 @@ def make_run_dir(out: Path, hf_dir: Path, tokenizer_dir: Path) -> Path:
     from lmjax.text.tokenizer import Tokenizer
 
     print(f"[build] importing {hf_dir} into the lmjax run directory {out}", flush=True)
-    if out.exists():
-        shutil.rmtree(out)
     model_cfg, params = load_hf_checkpoint(hf_dir, dtype="float32")
     tokenizer = Tokenizer.load(tokenizer_dir)
     cfg = base_config()
     cfg.model = model_cfg
     cfg.tokenizer.vocab_size = tokenizer.vocab_size
     validate(cfg)
-    wd = Workdir(out)
-    wd.path.mkdir(parents=True)
+    wd = Workdir(_fresh(out.with_name(out.name + ".partial")))
     wd.save_config(cfg)
     tokenizer.save(wd.tokenizer_dir)
     state = {"step": np.int32(0), "params": jax.device_put(params), "opt_state": {},
              "rng": jax.random.PRNGKey(0)}
     with Checkpointer(wd.checkpoint_dir) as ckpt:
         ckpt.save(state)
-    check_logits(out, hf_dir)
+    check_logits(wd.path, hf_dir)
+    wd.path.rename(out)
     return out
 
 
@@ -252,11 +269,13 @@ def make_gguf(out: Path, hf_dir: Path, python: Path, converter: Path) -> Path:
         return out
     print(f"[build] converting {hf_dir} to {out} with {converter}", flush=True)
     src = converter.parent
-    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}", "NO_LOCAL_GGUF": ""}
-    done = subprocess.run([str(python), str(converter), str(hf_dir), "--outtype", "f32", "--outfile", str(out)],
+    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
+    partial = out.with_name(out.name + ".partial")
+    done = subprocess.run([str(python), str(converter), str(hf_dir), "--outtype", "f32", "--outfile", str(partial)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed (status {done.returncode}):\n{done.stderr[-3000:]}")
+    partial.rename(out)
     return out
 
 
@@ -265,6 +284,8 @@ def make_gguf(out: Path, hf_dir: Path, python: Path, converter: Path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
+    """One request of the mix: the prompt as token ids and as text, and its max_tokens."""
+
     ids: list[int]
     text: str
     max_tokens: int
@@ -312,6 +333,7 @@ class ServerSpec:
     ready_path: str  # answers 200 once the model is loaded
     prompt_as_text: bool  # the server takes no token ids
     stream_usage: bool  # the server understands stream_options.include_usage
+    levels: tuple[int, ...] | None = None  # the levels to run it at (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +346,7 @@ class Target:
 
 
 def free_port() -> int:
+    """A localhost TCP port that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -414,11 +437,9 @@ def request_body(target: Target, prompt: Prompt, max_tokens: int | None = None) 
     return body
 
 
-async def stream_completion(session, url: str, body: dict[str, Any]) -> RequestResult:
+async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> RequestResult:
     """Sends one streamed /v1/completions request and times its chunks. Output tokens: the usage the server
     reports at the end, else the number of chunks with text."""
-    import aiohttp
-
     start = time.perf_counter()
     arrivals: list[float] = []
     usage_tokens = None
@@ -476,8 +497,6 @@ def _percentile_ms(values: Sequence[float], q: float) -> float:
 
 async def run_level(target: Target, prompts: Sequence[Prompt], clients: int) -> LevelStats:
     """`clients` closed-loop clients send `prompts` (each takes the next unsent one) until all are done."""
-    import aiohttp
-
     queue: asyncio.Queue = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
@@ -508,8 +527,6 @@ async def run_level(target: Target, prompts: Sequence[Prompt], clients: int) -> 
 async def warm_up(target: Target, prompts: Sequence[Prompt]) -> None:
     """One short request per prompt length (compiles lmjax's prefill buckets), then four at once. Raises
     with the request and the response if any fails."""
-    import aiohttp
-
     by_length = {len(p.ids): p for p in prompts}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
         for prompt in [by_length[n] for n in sorted(by_length)]:
@@ -518,13 +535,14 @@ async def warm_up(target: Target, prompts: Sequence[Prompt]) -> None:
                                for p in prompts[:4]))
 
 
-async def _checked(session, url: str, body: dict[str, Any]) -> None:
+async def _checked(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
     result = await stream_completion(session, url, body)
     if not result.ok:
         raise RuntimeError(f"warm-up request failed: {result.error}\nrequest: {json.dumps(body)[:800]}")
 
 
 def requests_for(clients: int, args: argparse.Namespace) -> int:
+    """How many requests a level of `clients` clients sends."""
     return max(args.min_requests, clients * args.requests_per_client)
 
 
@@ -532,13 +550,15 @@ def bench_server(spec: ServerSpec, args: argparse.Namespace,
                  prompts_by_level: dict[int, list[Prompt]]) -> list[LevelStats]:
     """Starts the server, warms it up, runs every level, prints its table and stops it."""
     rows = []
+    levels = {c: ps for c, ps in prompts_by_level.items() if spec.levels is None or c in spec.levels}
     with running(spec, args.work / "logs", args.ready_timeout) as target:
-        asyncio.run(warm_up(target, [p for ps in prompts_by_level.values() for p in ps]))
-        for clients, prompts in prompts_by_level.items():
+        asyncio.run(warm_up(target, [p for ps in levels.values() for p in ps]))
+        for clients, prompts in levels.items():
             stats = asyncio.run(run_level(target, prompts, clients))
             rows.append(stats)
             print(f"[{spec.name}] {clients:>2} clients: {stats.tokens_per_s:7.1f} tok/s, "
-                  f"TTFT p50 {stats.ttft_p50_ms:.0f} ms, ITL p50 {stats.itl_p50_ms:.1f} ms"
+                  f"TTFT p50 {stats.ttft_p50_ms:.0f} ms, ITL p50 {stats.itl_p50_ms:.1f} ms "
+                  f"(load average after: {os.getloadavg()[0]:.2f})"
                   + (f", {stats.errors} errors (first: {stats.first_error})" if stats.errors else ""), flush=True)
     print_table(LABELS[spec.name], rows)
     return rows
@@ -585,15 +605,17 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
 
 
-def print_summary(results: dict[str, list[LevelStats]], ratio_level: int, bare_ms: float | None) -> dict[str, Any]:
-    """Prints the ratios and the batch-1 overhead; returns them."""
+def print_summary(results: dict[str, list[LevelStats]], ratio_level: int, bare_runs: dict[int, list[float]],
+                  slots: int) -> dict[str, Any]:
+    """Prints the ratios and the batch-1 overheads (`bare_runs`: the bare step times measured, by slot count);
+    returns them."""
     def at(server: str, clients: int) -> LevelStats | None:
         return next((r for r in results.get(server, []) if r.clients == clients), None)
 
     summary: dict[str, Any] = {}
     print("Ratios (output tokens/s; TTFT p50 and ITL p50 as lmjax / other, lower is better for lmjax)")
     ours, ours_1 = at("lmjax", ratio_level), at("lmjax", 1)
-    if ours and ours_1:
+    if ours and ours_1 and ratio_level != 1:
         summary[f"lmjax@{ratio_level}/lmjax@1 tok/s"] = ours.tokens_per_s / ours_1.tokens_per_s
         print(f"  lmjax {ratio_level} clients vs lmjax 1 client: tok/s "
               f"{_ratio(ours.tokens_per_s, ours_1.tokens_per_s)}")
@@ -607,12 +629,20 @@ def print_summary(results: dict[str, list[LevelStats]], ratio_level: int, bare_m
               f"{_ratio(ours.tokens_per_s, theirs.tokens_per_s)}, "
               f"TTFT p50 {_ratio(ours.ttft_p50_ms, theirs.ttft_p50_ms)}, "
               f"ITL p50 {_ratio(ours.itl_p50_ms, theirs.itl_p50_ms)}")
-    if bare_ms is not None and ours_1 is not None:
-        overhead = (ours_1.itl_p50_ms - bare_ms) / bare_ms
-        summary.update({"bare_step_ms": bare_ms, "lmjax_itl_p50_ms_1_client": ours_1.itl_p50_ms,
-                        "overhead": overhead})
-        print(f"HTTP + scheduling overhead at batch 1: lmjax ITL p50 {ours_1.itl_p50_ms:.2f} ms at 1 client vs "
-              f"bare Engine.step() {bare_ms:.2f} ms: overhead {overhead:+.0%}")
+    measured = [(server, n) for server, n in (("lmjax", slots), ("lmjax_1slot", 1))
+                if at(server, 1) is not None and bare_runs.get(n)]
+    if measured:
+        print("HTTP + scheduling overhead at batch 1: (ITL p50 at 1 client - bare Engine.step()) / bare step")
+    for server, server_slots in measured:
+        row = at(server, 1)
+        bare = statistics.mean(bare_runs[server_slots])
+        overhead = (row.itl_p50_ms - bare) / bare
+        summary[f"overhead_{server_slots}_slots"] = {"itl_p50_ms": row.itl_p50_ms, "bare_step_ms": bare,
+                                                     "bare_step_runs_ms": bare_runs[server_slots],
+                                                     "overhead": overhead}
+        runs = " / ".join(f"{t:.2f}" for t in bare_runs[server_slots])
+        print(f"  {server_slots:>2} slots: ITL p50 {row.itl_p50_ms:6.2f} ms, bare step {bare:6.2f} ms "
+              f"(mean of {runs}): overhead {overhead:+.0%} ({row.itl_p50_ms - bare:+.2f} ms per token)")
     return summary
 
 
@@ -624,11 +654,9 @@ def server_specs(names: Sequence[str], artefacts: Artefacts, args: argparse.Name
     specs = []
     for name in names:
         if name == "lmjax":
-            command = [str(VENV_BIN / "lmjax"), "serve", "--workdir", str(artefacts.run_dir), "--port", "{port}",
-                       "--slots", str(args.slots)]
-            if not args.lmjax_content_filter:
-                command.append("--no-content-filter")
-            specs.append(ServerSpec("lmjax", command, "/health", prompt_as_text=False, stream_usage=True))
+            specs.append(lmjax_spec("lmjax", artefacts, args.slots, args.lmjax_content_filter))
+            if 1 in args.levels and not args.no_overhead_run:
+                specs.append(lmjax_spec("lmjax_1slot", artefacts, 1, args.lmjax_content_filter, levels=(1,)))
         elif name == "hf":
             specs.append(ServerSpec("hf", [sys.executable, str(Path(__file__).with_name("hf_server.py")), "--model",
                                            str(artefacts.hf_dir), "--port", "{port}", "--threads", str(args.threads)],
@@ -647,11 +675,23 @@ def server_specs(names: Sequence[str], artefacts: Artefacts, args: argparse.Name
     return specs
 
 
+def lmjax_spec(name: str, artefacts: Artefacts, slots: int, content_filter: bool,
+               levels: tuple[int, ...] | None = None) -> ServerSpec:
+    """`lmjax serve` on the run directory with `slots` KV-cache rows."""
+    command = [str(VENV_BIN / "lmjax"), "serve", "--workdir", str(artefacts.run_dir), "--port", "{port}",
+               "--slots", str(slots)]
+    if not content_filter:
+        command.append("--no-content-filter")
+    return ServerSpec(name, command, "/health", prompt_as_text=False, stream_usage=True, levels=levels)
+
+
 def artefacts_context(artefacts: Artefacts) -> int:
+    """The model's context length (its max_position_embeddings)."""
     return json.loads((artefacts.hf_dir / "config.json").read_text())["max_position_embeddings"]
 
 
 def find_converter(pattern: str) -> Path | None:
+    """The last path matching the glob `pattern` (~ expanded), or None."""
     matches = sorted(glob.glob(os.path.expanduser(pattern)))
     return Path(matches[-1]) if matches else None
 
@@ -677,6 +717,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="convert_hf_to_gguf.py of llama.cpp (a glob; the last match is used)")
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a server to load")
     p.add_argument("--no-bare-step", action="store_true", help="skip timing the bare Engine.step()")
+    p.add_argument("--no-overhead-run", action="store_true",
+                   help="skip the extra `lmjax serve --slots 1` run at 1 client")
     args = p.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = sorted(set(args.servers) - set(SERVERS))
@@ -700,26 +742,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts_by_level = {c: make_prompts(corpus, artefacts.tokenizer_dir, requests_for(c, args), args.seed + c)
                         for c in args.levels}
     print(f"model: {spec}\nlevels: {args.levels} clients; requests per level: "
-          f"{[len(p) for p in prompts_by_level.values()]}", flush=True)
+          f"{[len(p) for p in prompts_by_level.values()]}; load average {os.getloadavg()[0]:.2f} "
+          f"(the servers and this client share the machine: quote runs made when it is otherwise idle)", flush=True)
 
-    bare_ms = None
-    if "lmjax" in args.servers and 1 in args.levels and not args.no_bare_step:
-        prompt = prompts_by_level[1][0].ids
-        bare_ms = bare_step_ms(artefacts.run_dir, args.slots, prompt)
-        one_slot_ms = bare_step_ms(artefacts.run_dir, 1, prompt)
-        print(f"bare Engine.step() with 1 active request (median): {bare_ms:.2f} ms in {args.slots} slots "
-              f"(the server's engine), {one_slot_ms:.2f} ms in 1 slot", flush=True)
+    specs = server_specs(args.servers, artefacts, args)
+    measure_bare = "lmjax" in args.servers and 1 in args.levels and not args.no_bare_step
+    bare_runs: dict[int, list[float]] = {slots: [] for slots in sorted({args.slots, 1}, reverse=True)}
+
+    def time_bare_steps(when: str) -> None:
+        for slots, times in bare_runs.items():
+            times.append(bare_step_ms(artefacts.run_dir, slots, prompts_by_level[1][0].ids))
+            print(f"bare Engine.step() with 1 active request in {slots} slots, {when} the lmjax servers: "
+                  f"{times[-1]:.2f} ms (median)", flush=True)
 
     results: dict[str, list[LevelStats]] = {}
-    for server in server_specs(args.servers, artefacts, args):
-        try:
-            results[server.name] = bench_server(server, args, prompts_by_level)
-        except RuntimeError as e:
-            print(f"[{server.name}] FAILED: {e}", flush=True)
+
+    def run_servers(group: Sequence[ServerSpec]) -> None:
+        for server in group:
+            try:
+                results[server.name] = bench_server(server, args, prompts_by_level)
+            except RuntimeError as e:
+                print(f"[{server.name}] FAILED: {e}", flush=True)
+
+    if measure_bare:
+        time_bare_steps("before")
+    run_servers([spec for spec in specs if spec.name.startswith("lmjax")])
+    if measure_bare:
+        time_bare_steps("after")
+    run_servers([spec for spec in specs if not spec.name.startswith("lmjax")])
+    print(f"\n=== summary (load average now {os.getloadavg()[0]:.2f}) ===")
     for name, rows in results.items():
         print_table(LABELS[name], rows)
     ratio_level = RATIO_LEVEL if RATIO_LEVEL in args.levels else max(args.levels)
-    summary = print_summary(results, ratio_level, bare_ms)
+    summary = print_summary(results, ratio_level, bare_runs, args.slots)
     out = args.work / "results.json"
     out.write_text(json.dumps({"model": dataclasses.asdict(spec), "levels": args.levels, "summary": summary,
                                "results": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()}},
