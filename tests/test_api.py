@@ -147,7 +147,8 @@ def test_error_paths(server):
     assert error(post(server, "/v1/completions", {"prompt": [1, 10**6]}), 400)["code"] == "invalid_token"
     body = error(post(server, "/v1/completions", {"prompt": ["a"] * 17, "n": 16, "max_tokens": 1}), 400)
     assert body["code"] == "too_many_sequences" and "272" in body["message"]
-    assert error(httpx.request("BREW", f"{server.url}/health"), 405)["type"] == "invalid_request_error"
+    assert error(httpx.delete(f"{server.url}/health"), 405)["type"] == "invalid_request_error"
+    assert httpx.request("BREW", f"{server.url}/health").status_code in (400, 405)  # the HTTP parser may refuse it
     assert 'method="BREW"' not in httpx.get(f"{server.url}/metrics").text
     body = error(post(server, "/v1/completions", {"prompt": "x" * 70_000}), 413)
     assert "bytes" in body["message"]

@@ -46,6 +46,7 @@ from lmjax.serve.safety import ContentFilter
 from lmjax.text.chat_template import encode_chat
 
 access_log = logging.getLogger("lmjax.access")
+JOIN_CONTEXT = 4  # prompt tokens decoded before a completion's tokens, for the spacing where they meet
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # others count as "other"
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,11 @@ class Api:
                     raise ApiError(504, f"the request took longer than {self.settings.request_timeout:g} s",
                                    code="timeout")
                 try:
-                    choice, update = await asyncio.wait_for(updates.get(), min(remaining, 0.5))
+                    if updates.empty():
+                        async with asyncio.timeout(min(remaining, 0.5)):
+                            choice, update = await updates.get()
+                    else:
+                        choice, update = updates.get_nowait()
                 except TimeoutError:
                     if not stream and await request.is_disconnected():
                         return
@@ -380,11 +385,13 @@ class Api:
         return delta
 
     def _decode(self, choice: Choice) -> str:
-        """The generated text, decoded after `choice.prefix` so that spaces at the join are kept."""
+        """The generated text, decoded after the last `JOIN_CONTEXT` tokens of `choice.prefix` so that a space
+        at the join is kept."""
         if not choice.prefix:
             return self.tokenizer.decode(choice.tokens)
-        head = self.tokenizer.decode(choice.prefix)
-        full = self.tokenizer.decode(choice.prefix + choice.tokens)
+        context = choice.prefix[-JOIN_CONTEXT:]
+        head = self.tokenizer.decode(context)
+        full = self.tokenizer.decode(context + choice.tokens)
         return full[len(head):] if full.startswith(head) else self.tokenizer.decode(choice.tokens)
 
     # ------------------------------------------------------------------------------------------- endpoints
