@@ -190,6 +190,47 @@ def test_queue_full_and_not_ready_give_503(chat_engine, monkeypatch):
     assert error(full, 503)["code"] == "queue_full" and full.headers["retry-after"] == "1"
 
 
+def asgi_call(api: Api, method: str, path: str, body: dict) -> httpx.Response:
+    """One request to `api` in process (no lifespan: the test marks it ready; the shared engine is started)."""
+    api.engine.start()
+    api.ready.set()
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://test") as http:
+            return await http.request(method, path, json=body, timeout=60)
+
+    return asyncio.run(run())
+
+
+def test_request_timeout_gives_504_and_frees_the_slot(chat_engine):
+    api = Api(chat_engine, ServeSettings(model_name="tiny", request_timeout=1e-4))
+    body = error(asgi_call(api, "POST", "/v1/completions", {"prompt": "def", "max_tokens": 50}), 504)
+    assert body["code"] == "timeout"
+    deadline = time.monotonic() + 10
+    while chat_engine.engine.load()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chat_engine.engine.load()[:2] == (0, 0)
+
+
+def test_content_filter_on_output(chat_engine):
+    """A blocklist matching any word: the reply is cut before the first one and ends with content_filter, and
+    a stream never sends the blocked text."""
+    from lmjax.serve.safety import ContentFilter
+    from lmjax.text.blocklist import Blocklist
+
+    every_word = ContentFilter(Blocklist(patterns=(r"\w+",)))
+    api = Api(chat_engine, ServeSettings(model_name="tiny"), content_filter=every_word)
+    plain = asgi_call(api, "POST", "/v1/completions", {"prompt": "def", "max_tokens": 12, "temperature": 0}).json()
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and not any(c.isalnum() for c in choice["text"])
+    streamed = asgi_call(api, "POST", "/v1/completions", {"prompt": "def", "max_tokens": 12, "temperature": 0,
+                                                          "stream": True})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert "".join(e["choices"][0]["text"] for e in events) == choice["text"]
+
+
 def test_64_concurrent_streams_equal_each_request_alone(server, chat_engine):
     """64 streaming clients at once over 8 slots all finish, and at temperature 0 each gets exactly the text it
     gets alone."""
@@ -277,6 +318,7 @@ def test_feedback_over_the_api_feeds_dpo_export_and_purge(server, trained_run):
     assert {p["chosen"] for p in pairs} >= {"Use sorted(xs)."}
     assert all("jane.doe" not in p["prompt"][0]["content"] and "<EMAIL>" in p["prompt"][0]["content"] for p in pairs)
     assert cli_main(["feedback", "purge", "--workdir", str(workdir), "--conversation", "session-42"]) == 0
+    assert cli_main(["feedback", "purge", "--workdir", str(workdir), "--older-than-days", "1"]) == 0
     with sqlite3.connect(workdir / "feedback.sqlite") as conn:
         left = conn.execute("SELECT COUNT(*) FROM replies WHERE public_id LIKE ?", (f"{rid}:%",)).fetchone()[0]
     assert left == 0

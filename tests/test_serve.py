@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -200,3 +201,17 @@ def test_chat_cli_with_piped_stdin(trained_run, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "(system prompt: 'You explain Python.')" in out and "(conversation reset)" in out
     assert out.count("assistant> ") == 2 and stdin.read() == "never read\n"
+
+
+def test_feedback_purge_by_age_and_scrubbing(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    old = store.record_reply([user("call me on +44 20 7946 0958")], "ok", session_id="s1")
+    store.rate(old, 1)
+    store.edit(old, "write to a@b.example")
+    stored = store.query("SELECT conversation, reply FROM replies")[0][0] + store.query("SELECT text FROM edits")[0][0]
+    assert "7946" not in stored and "a@b.example" not in stored and "<PHONE>" in stored and "<EMAIL>" in stored
+    assert store.purge(older_than=time.time() + 1) == 1
+    assert store.query("SELECT COUNT(*) FROM ratings")[0][0] == store.query("SELECT COUNT(*) FROM edits")[0][0] == 0
+    raw = FeedbackStore(tmp_path / "raw.sqlite", scrub=False)
+    raw.record_reply([user("a@b.example")], "x")
+    assert "a@b.example" in raw.query("SELECT conversation FROM replies")[0][0]

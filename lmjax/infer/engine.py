@@ -155,7 +155,8 @@ class Engine:
         self._decode = jax.jit(functools.partial(decode_slots, graphdef=graphdef), donate_argnums=1)
         # Committed to the parameters' device like every later (jit-output) cache, so the first call's
         # signature is the same as the others' and does not compile twice.
-        device = next(iter(jax.tree.leaves(params)[0].devices()))
+        leaf = jax.tree.leaves(params)[0]
+        device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
         self._cache = jax.device_put(init_cache(self.cfg, num_slots, self.max_len), device)
         self._slots: list[Request | None] = [None] * num_slots
         self._tokens = np.zeros(num_slots, np.int32)
