@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                    10.0, 20.0, 40.0, 80.0)
+FINISH_REASONS = ("stop", "length", "content_filter", "abort")
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
@@ -56,6 +57,8 @@ class Metrics:
         self.generation_total = counter("generation_tokens", "Tokens generated.")
         self._success = Counter("lmjax:request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
+        for reason in FINISH_REASONS:  # series exist from the start, so rate() sees the first of each
+            self._success.labels(model_name, reason)
         self._http = Counter("lmjax:http_requests", "HTTP requests by handler, method and status.",
                              ["model_name", "handler", "method", "status"], registry=self.registry)
         for index, (name, doc) in enumerate((("num_requests_running", "Requests in decode slots."),
