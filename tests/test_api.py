@@ -389,3 +389,61 @@ def test_server_cli_end_to_end(trained_run, tmp_path):
     assert "lmjax serve" in output
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert any(r["path"] == "/v1/completions" and r["status"] == 200 for r in lines)
+
+
+def test_reload_switches_runs_without_dropping_requests(trained_run):
+    """Streams running during a reload finish on the old model; new requests and /v1/models see the new step;
+    only admin keys may reload."""
+    from conftest import LiveServer
+
+    from lmjax.serve.auth import ApiKey
+    from lmjax.serve.engine import ChatEngine
+
+    workdir = trained_run[0]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    admin, user = "sk-test-admin-0123456789", "sk-test-user-01234567890"
+    keys = [ApiKey("ops", admin, admin=True), ApiKey("app", user)]
+    api = Api(ChatEngine.from_workdir(workdir, num_slots=4), ServeSettings(model_name="tiny", keys=keys))
+    server = LiveServer(api.app).wait_ready()
+    headers = {"Authorization": f"Bearer {user}"}
+    try:
+        async def stream(http: httpx.AsyncClient, first: asyncio.Event) -> tuple[str | None, bool, float]:
+            body = {"prompt": "def", "max_tokens": 60, "temperature": 1.0, "stream": True}
+            finish, done = None, False
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        first.set()
+                        finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+                    done = done or line == "data: [DONE]"
+            return finish, done, time.monotonic()
+
+        async def load_and_reload() -> tuple[list, httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=300) as http:
+                firsts = [asyncio.Event() for _ in range(6)]
+                streams = [asyncio.create_task(stream(http, first)) for first in firsts]
+                for first in firsts:
+                    await first.wait()
+                started = time.monotonic()
+                refused = await http.post("/admin/reload", json={"step": steps[0]})
+                reloaded = await http.post("/admin/reload", json={"step": steps[0]},
+                                           headers={"Authorization": f"Bearer {admin}"})
+                return await asyncio.gather(*streams), refused, reloaded, started
+
+        results, refused, reloaded, started = asyncio.run(load_and_reload())
+        assert error(refused, 403)["code"] == "forbidden"
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["step"] == steps[0] != steps[-1]
+        assert all(finish in ("stop", "length") and done for finish, done, _ in results), results
+        assert max(end for _, _, end in results) > started  # streams were running while the run changed
+        models = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]
+        assert models["step"] == steps[0] and models["workdir"] == str(workdir)
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "def", "max_tokens": 2},
+                          headers=headers).status_code == 200
+        bad = httpx.post(f"{server.url}/admin/reload", json={"workdir": "/nonexistent"}, timeout=60,
+                         headers={"Authorization": f"Bearer {admin}"})
+        assert error(bad, 400)["code"] == "bad_run"
+    finally:
+        server.stop()
+        api.engine.close()

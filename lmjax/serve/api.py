@@ -4,13 +4,16 @@
     POST /v1/completions        prompt as text, texts, token ids or lists of ids; echo + logprobs score prompts
     GET  /v1/models             the one model this server holds
     POST /v1/feedback           (lmjax) rate or correct a chat completion; stored for `lmjax feedback export`
+    POST /admin/reload          (lmjax) switch to another run directory or step without dropping requests
     POST /tokenize, /detokenize, GET /tokenizer_info   the server's tokenizer (lm-eval's remote backend)
     GET  /health                200 once the model is compiled, 503 before
     GET  /metrics               Prometheus metrics (lmjax/serve/metrics.py)
 
 Requests run on the engine's background thread; its callbacks hand every update to the request's asyncio
-queue. Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}. Nothing is ever truncated
-silently: a prompt that, with max_tokens, does not fit the context is refused with the numbers.
+queue. A reload compiles the new run beside the live one, then sends new requests to it; requests already
+running finish on the old engine, which is closed once idle. Errors have OpenAI's shape {"error": {"message",
+"type", "param", "code"}}. Nothing is ever truncated silently: a prompt that, with max_tokens, does not fit the
+context is refused with the numbers.
 """
 
 import asyncio
@@ -30,7 +33,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from lmjax.infer.engine import TokenLogprob, Update
+from lmjax.config import LmjaxError
+from lmjax.infer.engine import Engine, TokenLogprob, Update
 from lmjax.serve.auth import ApiKey, KeyRing, RateLimited
 from lmjax.serve.engine import ChatEngine
 from lmjax.serve.feedback import FeedbackStore
@@ -40,6 +44,7 @@ from lmjax.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     FeedbackRequest,
+    ReloadRequest,
     TokenizeRequest,
 )
 from lmjax.serve.safety import ContentFilter
@@ -69,9 +74,9 @@ class ServeSettings:
 class ApiError(Exception):
     """An error response in OpenAI's shape."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-             429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "invalid_request_error", 409: "conflict", 413: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -102,6 +107,7 @@ class Choice:
     admitted: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     logprobs_sent: int = 0  # streamed chat logprobs already sent
+    engine: Engine | None = None  # the engine that runs it (a reload may have replaced the live one since)
 
 
 class Api:
@@ -115,11 +121,12 @@ class Api:
         self.feedback = feedback
         self.filter = content_filter
         self.keyring = KeyRing(settings.keys) if settings.keys is not None else None
-        self.metrics = Metrics(settings.model_name, engine.engine.load)
+        self.metrics = Metrics(settings.model_name, lambda: self.engine.engine.load())
         self.context = engine.context
         self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.max_tokens = min(settings.max_tokens or self.context, self.context)
         self.ready = threading.Event()
+        self._reloading = threading.Lock()
         self.created = int(time.time())
         self.app = self._build(warmup)
 
@@ -201,12 +208,19 @@ class Api:
         async def feedback(body: FeedbackRequest):
             return await self._feedback(body)
 
+        @app.post("/admin/reload", dependencies=[Depends(self._authorize_admin)])
+        async def reload(body: ReloadRequest):
+            self._check_ready()
+            return await asyncio.to_thread(self._reload, body.workdir, body.step)
+
         known = {route.path for route in app.routes}
         return Edge(app, self, known)
 
     def _model_card(self) -> dict:
+        live = self.engine
         return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmjax",
-                "max_model_len": self.context, "step": self.engine.step}
+                "max_model_len": self.context, "step": live.step,
+                "workdir": str(live.workdir.path) if live.workdir else None}
 
     @staticmethod
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -239,6 +253,37 @@ class Api:
         request.state.key_name = key.name
         self._rate(self.keyring.admit_request, key)
         return key
+
+    async def _authorize_admin(self, request: Request) -> None:
+        """Like `_authorize`, but the key must be an admin key (`admin = true` in the keys file)."""
+        key = await self._authorize(request)
+        if key is not None and not key.admin:
+            raise ApiError(403, f"key {key.name!r} may not reload the model (needs admin = true)", code="forbidden")
+
+    def _reload(self, workdir: str | None, step: int | None) -> dict:
+        """Loads and compiles `workdir` (default: the live run's) at `step`, then makes it live; the old engine
+        finishes its running requests and is closed once idle. Same tokenizer and context only."""
+        if not self._reloading.acquire(blocking=False):
+            raise ApiError(409, "a reload is already running", code="reload_in_progress")
+        try:
+            live = self.engine
+            path = workdir or (str(live.workdir.path) if live.workdir else None)
+            if path is None:
+                raise ApiError(400, "name the run directory to load ('workdir')", "workdir")
+            try:
+                new = ChatEngine.from_workdir(path, step, num_slots=live.engine.num_slots)
+            except LmjaxError as e:
+                raise ApiError(400, f"cannot load {path}: {e}", "workdir", "bad_run") from None
+            if new.tokenizer.fingerprint != self.tokenizer.fingerprint or new.context != self.context:
+                raise ApiError(400, f"{path} has another tokenizer or context than the live run; start a new server "
+                               "for it", "workdir", "incompatible_run")
+            new.start(warmup=True)
+            self.engine = new
+            threading.Thread(target=_retire, args=(live,), daemon=True, name="lmjax-retire").start()
+            log.info("reloaded: %s step %s is live", path, new.step)
+            return self._model_card()
+        finally:
+            self._reloading.release()
 
     @staticmethod
     def _rate(admit: Callable, *args) -> None:
@@ -310,10 +355,12 @@ class Api:
         arrival = time.time()
         deadline = time.monotonic() + self.settings.request_timeout
         seed = settings.pop("seed")
+        live = self.engine
         for choice in choices:
             callback = lambda _, update, choice=choice: loop.call_soon_threadsafe(updates.put_nowait, (choice, update))
             choice_seed = secrets.randbelow(2**31) if seed is None else (seed + choice.index) % 2**31
-            choice.request_id = self.engine.submit(choice.prompt, callback, seed=choice_seed, **settings)
+            choice.engine = live.engine
+            choice.request_id = live.submit(choice.prompt, callback, seed=choice_seed, **settings)
         pending = set(choices)
         try:
             while pending:
@@ -339,13 +386,13 @@ class Api:
                 if choice.finish_reason is not None:
                     pending.discard(choice)
                     if update.finish_reason is None:
-                        self.engine.engine.cancel(choice.request_id)
+                        choice.engine.cancel(choice.request_id)
                     self.metrics.observe_request(arrival, choice.admitted, choice.token_times, time.time(),
                                                  len(choice.prompt), choice.finish_reason)
                     yield choice, ""
         finally:
             for choice in pending:
-                self.engine.engine.cancel(choice.request_id)
+                choice.engine.cancel(choice.request_id)
                 self.metrics.finished("abort")
 
     def _apply(self, choice: Choice, update: Update, stops: list[str], now: float, session: str) -> str:
@@ -406,6 +453,7 @@ class Api:
         self._admit(key, [prompt], body.n, max_tokens)
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         session = body.user or completion_id
+        step = self.engine.step
         choices = [Choice(i, prompt, []) for i in range(body.n)]
         request.state.usage = usage = {"prompt_tokens": len(prompt), "completion_tokens": 0}
         if self.settings.log_prompts:
@@ -429,7 +477,7 @@ class Api:
             if self.feedback is not None and self.settings.store_chats and generation is not None:
                 conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
                 for choice in choices:
-                    await asyncio.to_thread(self.feedback.record_reply, conversation, choice.text, self.engine.step,
+                    await asyncio.to_thread(self.feedback.record_reply, conversation, choice.text, step,
                                             {"temperature": body.temperature, "top_p": body.top_p,
                                              "max_tokens": max_tokens}, session, f"{completion_id}:{choice.index}")
 
@@ -685,6 +733,17 @@ class Edge:
             if "prompt" in state:
                 record["prompt"] = state["prompt"]
             access_log.info(json.dumps(record, ensure_ascii=False))
+
+
+def _retire(engine: ChatEngine, grace: float = 1.0) -> None:
+    """Closes a replaced engine once it has had no work for `grace` seconds (requests that picked it just
+    before the switch still get submitted and served)."""
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < grace:
+        time.sleep(0.1)
+        if engine.engine.has_work():
+            idle_since = time.monotonic()
+    engine.close()
 
 
 def create_app(engine: ChatEngine, settings: ServeSettings, feedback: FeedbackStore | None = None,

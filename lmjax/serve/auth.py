@@ -7,6 +7,7 @@ The keys file is TOML, one table per key:
     key = "sk-lmjax-..."           # sent by clients as `Authorization: Bearer <key>`
     requests_per_minute = 60       # optional
     tokens_per_minute = 20000      # optional: prompt tokens plus max_tokens, counted when a request is admitted
+    admin = true                   # optional: may call POST /admin/reload
 
 Keys are compared in constant time against every entry; neither the file nor a key is ever logged. Limits are
 moving one-minute windows (the `limits` library); tokens are reserved at admission (prompt + max_tokens), as
@@ -34,6 +35,7 @@ class ApiKey:
     key: str = dataclasses.field(repr=False)
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    admin: bool = False
 
 
 class RateLimited(Exception):
@@ -69,6 +71,8 @@ def read_keys(path: str | Path) -> list[ApiKey]:
             value = entry.get(limit)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where} ({name}): {limit!r} must be a positive integer")
+        if not isinstance(entry.get("admin", False), bool):
+            raise ConfigError(f"{where} ({name}): 'admin' must be true or false")
         if name in names or key in secrets:
             raise ConfigError(f"{where} ({name}): duplicate name or key")
         names.add(name)

@@ -103,3 +103,8 @@ class FeedbackRequest(_Request):
     choice: int = Field(0, ge=0, lt=MAX_N)
     rating: Literal[1, -1] | None = None
     edited: StrictStr | None = Field(None, description="the user's corrected reply")
+
+
+class ReloadRequest(_Request):
+    workdir: StrictStr | None = Field(None, description="run directory to serve (default: the live one)")
+    step: int | None = Field(None, ge=0, description="checkpoint step (default: the latest)")
