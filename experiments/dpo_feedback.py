@@ -51,11 +51,10 @@ def collect_feedback(engine: ChatEngine, questions: list[tuple[list[dict], str]]
     for start in range(0, len(questions), BATCH):
         batch = questions[start:start + BATCH]
         ids = [engine.prompt_ids(prompt, max_new_tokens=48) for prompt, _ in batch]
-        ids += [ids[-1]] * (BATCH - len(ids))
-        replies = [engine.sampler.generate([], 48, temperature=1.0, top_p=0.95, seed=seed + start + k,
-                                           prompt_ids=ids) for k in range(2)]
+        replies = engine.generate(ids + ids, 48, temperature=1.0, top_p=0.95,
+                                  seeds=[seed + 2 * (start + row) + k for k in range(2) for row in range(len(ids))])
         for row, (prompt, reference) in enumerate(batch):
-            texts = [replies[k][row].strip() for k in range(2)]
+            texts = [replies[k * len(ids) + row] for k in range(2)]
             scores = [scorer.score(reference, t)["rougeL"].fmeasure for t in texts]
             reply_ids = [store.record_reply(prompt, t, engine.step, {"temperature": 1.0}, session) for t in texts]
             if texts[0] != texts[1] and abs(scores[0] - scores[1]) >= MIN_GAP:

@@ -125,6 +125,23 @@ class ChatEngine:
             if not finished:
                 self.engine.cancel(request)
 
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, temperature: float = 0.7,
+                 top_p: float = 0.9, seeds: Sequence[int] | None = None) -> list[str]:
+        """The reply text to each prompt of token ids (e.g. `prompt_ids`), all generated together; request i
+        samples with `seeds[i]` (default i)."""
+        updates: queue.Queue[tuple[int, Update]] = queue.Queue()
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        ids = [self.submit(p, lambda i, u: updates.put((i, u)), max_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed) for p, seed in zip(prompts, seeds, strict=True)]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        pending = set(ids)
+        while pending:
+            request, update = updates.get()
+            tokens[request] += update.tokens
+            if update.finish_reason is not None:
+                pending.discard(request)
+        return [self.tokenizer.decode(tokens[i]).strip() for i in ids]
+
     def warmup(self) -> None:
         """Compiles every prefill width and the decode step, so that no user waits for a compilation."""
         self.start(warmup=True)
