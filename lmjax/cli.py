@@ -178,8 +178,8 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     content_filter = None if args.no_content_filter else ContentFilter(Blocklist.default(), feedback)
     app = create_app(engine, settings, feedback, content_filter)
     print(f"lmjax serve: {settings.model_name} (step {engine.step}, {engine.context}-token context, "
-          f"{args.slots} slots) on http://{args.host}:{args.port}/v1; compiling, /health turns 200 when ready",
-          flush=True)
+          f"{engine.cfg.model.dtype}, {args.slots} slots) on http://{args.host}:{args.port}/v1; compiling, /health "
+          "turns 200 when ready", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
 

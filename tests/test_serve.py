@@ -215,3 +215,23 @@ def test_feedback_purge_by_age_and_scrubbing(tmp_path):
     raw = FeedbackStore(tmp_path / "raw.sqlite", scrub=False)
     raw.record_reply([user("a@b.example")], "x")
     assert "a@b.example" in raw.query("SELECT conversation FROM replies")[0][0]
+
+
+def test_a_bfloat16_run_decodes_in_float32_on_cpu(trained_run, tmp_path, capsys):
+    """On a CPU the restored model computes in float32 whatever the run trained in, and says so."""
+    import json
+    import shutil
+
+    from lmjax.run.restore import decode_dtype, restore_model
+    from lmjax.run.workdir import open_workdir
+
+    run = tmp_path / "bf16"
+    shutil.copytree(trained_run[0], run, ignore=shutil.ignore_patterns("feedback.sqlite*"))
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["dtype"] = "bfloat16"
+    (run / "config.json").write_text(json.dumps(config))
+    cfg = restore_model(open_workdir(run)).cfg
+    assert cfg.model.dtype == "float32"
+    assert "in float32 on cpu (it trained in bfloat16)" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["model"]["dtype"] == "bfloat16"  # the run is untouched
+    assert decode_dtype("bfloat16", "gpu") == "bfloat16" and decode_dtype("bfloat16", "tpu") == "bfloat16"

@@ -1,5 +1,6 @@
 """Loading a trained model out of a run directory: for sampling, serving, evaluation and fine-tuning."""
 
+import sys
 from typing import NamedTuple
 
 import jax
@@ -23,10 +24,23 @@ class Restored(NamedTuple):
     step: int  # the checkpoint step the parameters come from
 
 
+def decode_dtype(run_dtype: str, backend: str) -> str:
+    """The compute dtype to run a trained model in: float32 on a CPU, where XLA widens bfloat16 matmul inputs at
+    every step and bfloat16 decoding is several times slower than float32 without a bfloat16 matrix unit
+    (docs/benchmarks.md, "Decoding"); the run's own dtype on accelerators. Parameters are float32 either way."""
+    return "float32" if backend == "cpu" else run_dtype
+
+
 def restore_model(wd: Workdir, step: int | None = None) -> Restored:
-    """A trained run's model, params from checkpoint `step` (default latest), on the default device.
-    Raises WorkdirError / CheckpointError with a clear message."""
+    """A trained run's model, params from checkpoint `step` (default latest), on the default device, computing
+    in `decode_dtype` (said on stderr when that is not the run's dtype). Raises WorkdirError / CheckpointError
+    with a clear message."""
     cfg = wd.load_config()
+    dtype = decode_dtype(cfg.model.dtype, jax.default_backend())
+    if dtype != cfg.model.dtype:
+        print(f"running {wd.path.name} in {dtype} on {jax.default_backend()} (it trained in {cfg.model.dtype})",
+              file=sys.stderr)
+        cfg.model.dtype = dtype
     tokenizer = Tokenizer.load(wd.tokenizer_dir)
     graphdef, abstract_params, _ = abstract_model(cfg.model)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -156,9 +156,9 @@ class ChatEngine:
     def model_card(self) -> dict:
         """Family, size, context, checkpoint step and the last validation metrics of the run."""
         m = self.cfg.model
-        card = {"family": m.family, "params": self.num_params, "layers": m.num_layers, "d_model": m.d_model,
-                "heads": m.num_heads, "context": self.context, "vocab_size": m.vocab_size, "step": self.step,
-                "workdir": str(self.workdir.path) if self.workdir else None, "val": {}}
+        card = {"family": m.family, "dtype": m.dtype, "params": self.num_params, "layers": m.num_layers,
+                "d_model": m.d_model, "heads": m.num_heads, "context": self.context, "vocab_size": m.vocab_size,
+                "step": self.step, "workdir": str(self.workdir.path) if self.workdir else None, "val": {}}
         for record in read_metrics(self.workdir.metrics_path) if self.workdir else []:
             if any(k.startswith("val_") for k in record):
                 card["val"] = {"step": record.get("step"), **{k: v for k, v in record.items() if k.startswith("val_")}}
