@@ -23,7 +23,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -472,8 +472,7 @@ class Api:
         top = (body.top_logprobs or 0) if body.logprobs else None
 
         async def finish() -> None:
-            usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            _count_completion(usage, choices)
             if self.feedback is not None and self.settings.store_chats and generation is not None:
                 conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
                 for choice in choices:
@@ -482,28 +481,19 @@ class Api:
                                              "max_tokens": max_tokens}, session, f"{completion_id}:{choice.index}")
 
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                chunk = {**head, "object": "chat.completion.chunk"}
-                extra = {"usage": None} if body.include_usage() else {}
-                for choice in choices:
-                    yield _sse({**chunk, "choices": [{"index": choice.index, "delta": {"role": "assistant",
-                                                      "content": ""}, "logprobs": None, "finish_reason": None}],
-                                **extra})
-                try:
-                    async for choice, delta in _events(generation, choices):
-                        logprobs = self._chat_logprobs(choice, top, streamed=True) if top is not None else None
-                        done = choice.finish_reason if not delta else None
-                        yield _sse({**chunk, "choices": [{"index": choice.index, "delta": {"content": delta} if delta
-                                                          else {}, "logprobs": logprobs, "finish_reason": done}],
-                                    **extra})
-                except ApiError as e:
-                    yield _sse(json.loads(e.response().body))
-                await finish()
-                if body.include_usage():
-                    yield _sse({**chunk, "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
+            chunk = {**head, "object": "chat.completion.chunk", **({"usage": None} if body.include_usage() else {})}
 
-            return _stream(events())
+            async def chunks() -> AsyncIterator[dict]:
+                for choice in choices:
+                    yield {**chunk, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+                async for choice, delta in _events(generation, choices):
+                    logprobs = self._chat_logprobs(choice, top, streamed=True) if top is not None else None
+                    done = choice.finish_reason if not delta else None
+                    yield {**chunk, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},
+                                                 "logprobs": logprobs, "finish_reason": done}]}
+
+            return _stream(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
         async for _ in _events(generation, choices):
             pass
         await finish()
@@ -553,37 +543,29 @@ class Api:
         head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.settings.model_name}
 
-        def close_usage() -> None:
-            usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        async def finish() -> None:
+            _count_completion(usage, choices)
 
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                extra = {"usage": None} if body.include_usage() else {}
-                echoed = set()
-                try:
-                    async for choice, delta in _events(generation, choices):
-                        text = delta
-                        if body.echo and choice.index not in echoed:
-                            echoed.add(choice.index)
-                            text = self.tokenizer.decode(choice.prompt) + delta
-                        logprobs = None
-                        if body.logprobs is not None and not delta:
-                            logprobs = self._legacy_logprobs(choice, body.logprobs, body.echo)
-                        yield _sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                                         "finish_reason": choice.finish_reason if not delta else None}],
-                                    **extra})
-                except ApiError as e:
-                    yield _sse(json.loads(e.response().body))
-                close_usage()
-                if body.include_usage():
-                    yield _sse({**head, "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
+            chunk = {**head, **({"usage": None} if body.include_usage() else {})}
 
-            return _stream(events())
+            async def chunks() -> AsyncIterator[dict]:
+                echoed = set()
+                async for choice, delta in _events(generation, choices):
+                    text = delta
+                    if body.echo and choice.index not in echoed:
+                        echoed.add(choice.index)
+                        text = self.tokenizer.decode(choice.prompt) + delta
+                    logprobs = None
+                    if body.logprobs is not None and not delta:
+                        logprobs = self._legacy_logprobs(choice, body.logprobs, body.echo)
+                    yield {**chunk, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
+                                                 "finish_reason": choice.finish_reason if not delta else None}]}
+
+            return _stream(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
         async for _ in _events(generation, choices):
             pass
-        close_usage()
+        await finish()
         return {**head, "usage": usage, "choices": [
             {"index": c.index, "text": (self.tokenizer.decode(c.prompt) if body.echo else "") + c.text,
              "logprobs": self._legacy_logprobs(c, body.logprobs, body.echo) if body.logprobs is not None else None,
@@ -676,8 +658,28 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+def _count_completion(usage: dict, choices: list[Choice]) -> None:
+    """Fills in `usage`'s completion and total tokens once the choices are done."""
+    usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def _stream(chunks: AsyncIterator[dict], finish: Callable[[], Awaitable[None]],
+            usage_chunk: dict | None) -> StreamingResponse:
+    """Server-sent events: each chunk (an error event instead if the generation fails, e.g. times out), then,
+    after `finish` has filled in the usage, the usage chunk when the client asked for one, and [DONE]."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+        except ApiError as e:
+            yield _sse(json.loads(e.response().body))
+        await finish()
+        if usage_chunk is not None:
+            yield _sse({**usage_chunk, "choices": []})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
