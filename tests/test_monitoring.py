@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shlex
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import yaml
 from conftest import API_KEYS
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_server import PROMETHEUS, PrometheusServer
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -29,7 +29,6 @@ DATASOURCE = MONITORING / "grafana" / "provisioning" / "datasources" / "promethe
 DASHBOARD_PROVIDER = MONITORING / "grafana" / "provisioning" / "dashboards" / "lmjax.yml"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "lmjax.json"
 COMPOSE = REPO / "compose.yaml"
-PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
 
 NAME = re.compile(r"(?<![A-Za-z0-9_:])lmjax:[A-Za-z0-9_:]+")  # a metric or recording-rule name in PromQL
@@ -193,79 +192,25 @@ def test_every_referenced_metric_exists(api_server):
         f"{set(recorded) - referenced}"
 
 
-def _free_port() -> int:
-    """A loopback port that nothing listens on (now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Prometheus:
-    """deploy/monitoring/prometheus.yml in a Prometheus subprocess, retargeted at one host:port, scraping and
-    evaluating every second, with the repository's rule files (by absolute path)."""
-
-    def __init__(self, target: str, workdir: Path):
-        config = _load(PROMETHEUS_CONFIG)
-        config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
-        config["rule_files"] = [str((PROMETHEUS_CONFIG.parent / path).resolve()) for path in config["rule_files"]]
-        (job,) = config["scrape_configs"]
-        (static,) = job["static_configs"]
-        static["targets"] = [target]
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = workdir / "prometheus.log"
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(PROMETHEUS), f"--config.file={workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address={urlsplit(self.url).netloc}",
-                 "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-
-    def wait_for(self, what: str, probe, timeout: float = 30):
-        """Polls `probe()` every 0.25 s until it returns something other than None, which it returns; fails
-        the test with Prometheus's log after `timeout` seconds, or at once if Prometheus exited."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                found = probe()
-            except httpx.TransportError:
-                found = None
-            if found is not None:
-                return found
-            time.sleep(0.25)
-        pytest.fail(f"timed out after {timeout:g} s waiting for {what}; Prometheus's log:\n{self.log.read_text()}")
-
-    def api(self, path: str, **params) -> dict:
-        """The `data` of a successful API reply."""
-        reply = httpx.get(f"{self.url}/api/v1/{path}", params=params).json()
-        assert reply["status"] == "success", reply
-        return reply["data"]
-
-    def query(self, promql: str) -> list[dict]:
-        """The result vector of an instant query."""
-        data = self.api("query", query=promql)
-        assert data["resultType"] == "vector", data
-        return data["result"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def _prometheus_config(target: str) -> dict:
+    """deploy/monitoring/prometheus.yml retargeted at one host:port, scraping and evaluating every second, with
+    the repository's rule files (by absolute path)."""
+    config = _load(PROMETHEUS_CONFIG)
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
+    config["rule_files"] = [str((PROMETHEUS_CONFIG.parent / path).resolve()) for path in config["rule_files"]]
+    (job,) = config["scrape_configs"]
+    (static,) = job["static_configs"]
+    static["targets"] = [target]
+    return config
 
 
 @pytest.fixture
 def prometheus(api_server, tmp_path):
     """A Prometheus with the repository's config and rules scraping the session's API server."""
     server, _ = api_server
-    instance = Prometheus(urlsplit(server.url).netloc, tmp_path)
+    instance = PrometheusServer(_prometheus_config(urlsplit(server.url).netloc), tmp_path)
     try:
-        instance.wait_for("Prometheus to start",
-                          lambda: True if httpx.get(f"{instance.url}/-/ready").status_code == 200 else None)
-        yield instance
+        yield instance.wait_ready()
     finally:
         instance.stop()
 
