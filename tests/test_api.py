@@ -212,6 +212,13 @@ def test_request_timeout_gives_504_and_frees_the_slot(chat_engine):
     assert chat_engine.engine.load()[:2] == (0, 0)
 
 
+def test_a_failed_engine_makes_health_and_requests_503(chat_engine, monkeypatch):
+    monkeypatch.setattr(chat_engine.engine, "failure", RuntimeError("device lost"))
+    api = Api(chat_engine, ServeSettings(model_name="tiny"))
+    assert error(asgi_call(api, "GET", "/health", None), 503)["code"] == "engine_failed"
+    assert error(asgi_call(api, "POST", "/v1/completions", {"prompt": "def"}), 503)["code"] == "engine_failed"
+
+
 def test_content_filter_on_output(chat_engine):
     """A blocklist matching any word: the reply is cut before the first one and ends with content_filter, and
     a stream never sends the blocked text."""

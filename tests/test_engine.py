@@ -2,6 +2,7 @@
 
 import queue
 import threading
+import time
 
 import jax
 import numpy as np
@@ -200,3 +201,45 @@ def test_bad_requests_are_refused(engine, llama):
     assert not engine.has_work() and engine.step() == {}
     with pytest.raises(ValueError, match="learned positions"):
         Engine(*build("gpt2"), max_len=SEQ_LEN + 1)
+
+
+def test_a_failing_callback_cancels_only_its_request(engine):
+    """A caller that has gone away (its callback raises, e.g. on a closed event loop) loses its request; the
+    engine thread and the other requests go on."""
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,))
+    thread.start()
+
+    def gone(_, __):
+        raise RuntimeError("Event loop is closed")
+
+    updates: queue.Queue = queue.Queue()
+    engine.submit(prompt(9), 40, callback=gone)
+    engine.submit(prompt(7), 6, callback=lambda i, u: updates.put(u))
+    tokens, reason = [], None
+    while reason is None:
+        update = updates.get(timeout=30)
+        tokens += update.tokens
+        reason = update.finish_reason
+    deadline = time.monotonic() + 10
+    while engine.has_work() and time.monotonic() < deadline:  # the next step cancels the first request
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=10)
+    assert reason == "length" and len(tokens) == 6
+    assert engine.failure is None and not engine.has_work()
+
+
+def test_an_error_in_a_step_ends_every_request_and_refuses_new_ones(llama):
+    engine = Engine(*llama, num_slots=2)
+    updates: queue.Queue = queue.Queue()
+    engine.submit(prompt(5), 8, callback=lambda i, u: updates.put(u))
+    engine.step()
+    engine._decode = lambda *args: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.run(threading.Event())
+    while (update := updates.get(timeout=5)).finish_reason is None:
+        pass
+    assert update.finish_reason == "cancelled" and not engine.has_work()
+    with pytest.raises(RuntimeError, match="stopped after an error.*device lost"):
+        engine.submit(prompt(5), 8)

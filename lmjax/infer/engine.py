@@ -14,12 +14,15 @@ the whole pool. `warmup` compiles every shape, after which nothing compiles.
 Log-probabilities are those of the model's raw distribution (before temperature, top-k and top-p), with the
 `TOP_LOGPROBS` most likely alternatives, for every generated token and, on request, every prompt token.
 
-`submit` and `cancel` may be called from any thread while one thread drives `step` (or `run`).
+`submit` and `cancel` may be called from any thread while one thread drives `step` (or `run`). A callback
+that raises (its caller has gone) cancels only its own request; an error in the model step itself ends
+every request ("cancelled"), is kept in `failure`, and makes later `submit` calls raise.
 """
 
 import dataclasses
 import functools
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -37,6 +40,8 @@ from lmjax.infer.sampler import cache_length, prefill_logits, row_key, sample_ro
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.model.transformer import init_cache
+
+log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # alternatives returned with each token's log-probability (OpenAI's maximum)
 MIN_PROMPT_BUCKET = 32  # the smallest prefill width; the others double up to the cache length
@@ -168,6 +173,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._cancelled: set[int] = set()
         self._wakeup = threading.Condition()
+        self.failure: BaseException | None = None  # the error that stopped `run`, if any
 
     def submit(self, prompt_ids: Sequence[int], max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int = 0, stop_ids: Iterable[int] = (), prompt_logprobs: bool = False,
@@ -176,6 +182,8 @@ class Engine:
         token is not returned), after `max_tokens` tokens (capped by the free cache; 0 only prefills, e.g. to
         score the prompt with `prompt_logprobs`), or on `cancel`. `callback(id, Update)` is called after every
         step that gives it tokens or ends it."""
+        if self.failure is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self.failure!r}")
         if not 0 < len(prompt_ids) < self.max_len:
             raise DataError(f"prompt is {len(prompt_ids)} tokens; it must be 1 to {self.max_len - 1}")
         if max_tokens < 0:
@@ -244,22 +252,27 @@ class Engine:
             for slot in running:
                 self._take(slot, int(tokens[slot]), _token_logprob(chosen[slot], top_ids[slot], top_values[slot]),
                            updates)
-        done = {}
-        for request_id, fields in updates.items():
-            request = fields.pop("request")
-            done[request_id] = Update(finish_reason=request.finish_reason, **fields)
-            if request.callback is not None:
-                request.callback(request_id, done[request_id])
-        return done
+        return self._report(updates)
 
     def run(self, stop: threading.Event, idle_wait: float = 0.1) -> None:
-        """Steps until `stop` is set, sleeping while there is nothing to do: the loop for a background thread."""
+        """Steps until `stop` is set, sleeping while there is nothing to do: the loop for a background thread.
+        An error in a step ends every request, is kept in `failure` and is raised."""
         while not stop.is_set():
             with self._wakeup:
                 if not self.has_work() and not self._cancelled:
                     self._wakeup.wait(idle_wait)
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:
+                self.failure = e
+                updates: dict[int, dict] = {}
+                with self._wakeup:
+                    for request in [*self._waiting, *(r for r in self._slots if r is not None)]:
+                        self._finish(request, "cancelled", updates)
+                    self._waiting.clear()
+                self._report(updates)
+                raise
 
     def generate_all(self, requests: Sequence[dict]) -> list[list[int]]:
         """The tokens of each request (keyword arguments of `submit`), run together until all are done."""
@@ -273,6 +286,22 @@ class Engine:
                     if update.finish_reason is not None:
                         pending.discard(request_id)
         return [out[i] for i in ids]
+
+    def _report(self, updates: dict[int, dict]) -> dict[int, Update]:
+        """The `Update` of each request in `updates`, also given to its callback. A callback that raises
+        cancels its request and is logged; the engine goes on."""
+        done = {}
+        for request_id, fields in updates.items():
+            request = fields.pop("request")
+            done[request_id] = Update(finish_reason=request.finish_reason, **fields)
+            if request.callback is not None:
+                try:
+                    request.callback(request_id, done[request_id])
+                except Exception:
+                    log.exception("the callback of request %d failed; cancelling it", request_id)
+                    if request.finish_reason is None:
+                        self.cancel(request_id)
+        return done
 
     def _admit(self, slot: int, request: Request, updates: dict[int, dict]) -> None:
         """Prefills `request` into `slot` and takes its first token; the slot stays free if it asked for no

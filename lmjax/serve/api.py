@@ -127,6 +127,8 @@ class Api:
         self.max_tokens = min(settings.max_tokens or self.context, self.context)
         self.ready = threading.Event()
         self._reloading = threading.Lock()
+        self._closing = threading.Event()  # set at shutdown: engines being retired close at once
+        self._retiring: list[threading.Thread] = []
         self.created = int(time.time())
         self.app = self._build(warmup)
 
@@ -141,6 +143,9 @@ class Api:
 
             threading.Thread(target=start, daemon=True, name="lmjax-warmup").start()
             yield
+            self._closing.set()
+            for retire in self._retiring:
+                retire.join()
             self.engine.close()
 
         app = FastAPI(title="lmjax", version="1", lifespan=lifespan,
@@ -153,9 +158,7 @@ class Api:
 
         @app.get("/health")
         async def health():
-            if not self.ready.is_set():
-                raise ApiError(503, "the model is loading or compiling", code="not_ready",
-                               headers={"Retry-After": "5"})
+            self._check_ready()
             return {"status": "ok"}
 
         @app.get("/metrics", response_class=PlainTextResponse)
@@ -279,7 +282,9 @@ class Api:
                                "for it", "workdir", "incompatible_run")
             new.start(warmup=True)
             self.engine = new
-            threading.Thread(target=_retire, args=(live,), daemon=True, name="lmjax-retire").start()
+            retire = threading.Thread(target=_retire, args=(live, self._closing), daemon=True, name="lmjax-retire")
+            self._retiring.append(retire)
+            retire.start()
             log.info("reloaded: %s step %s is live", path, new.step)
             return self._model_card()
         finally:
@@ -294,6 +299,10 @@ class Api:
                 from None
 
     def _check_ready(self) -> None:
+        failure = self.engine.engine.failure
+        if failure is not None:
+            raise ApiError(503, f"the model engine stopped after an error ({type(failure).__name__}); restart the "
+                           "server", code="engine_failed")
         if not self.ready.is_set():
             raise ApiError(503, "the model is loading or compiling; retry shortly", code="not_ready",
                            headers={"Retry-After": "5"})
@@ -737,12 +746,11 @@ class Edge:
             access_log.info(json.dumps(record, ensure_ascii=False))
 
 
-def _retire(engine: ChatEngine, grace: float = 1.0) -> None:
+def _retire(engine: ChatEngine, closing: threading.Event, grace: float = 1.0) -> None:
     """Closes a replaced engine once it has had no work for `grace` seconds (requests that picked it just
-    before the switch still get submitted and served)."""
+    before the switch still get submitted and served), or at once when the server shuts down (`closing`)."""
     idle_since = time.monotonic()
-    while time.monotonic() - idle_since < grace:
-        time.sleep(0.1)
+    while time.monotonic() - idle_since < grace and not closing.wait(0.1):
         if engine.engine.has_work():
             idle_since = time.monotonic()
     engine.close()
