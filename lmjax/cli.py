@@ -5,6 +5,7 @@
     lmjax chat   --workdir runs/x [--temperature 0.7 --top-p 0.9 --max-new-tokens 128 --system TEXT]
     lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N --slots 8]
     lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
+    lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -177,11 +178,26 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
         store_chats=not args.no_store_chats)
     content_filter = None if args.no_content_filter else ContentFilter(Blocklist.default(), feedback)
     app = create_app(engine, settings, feedback, content_filter)
+    quant = engine.cfg.compress.quant
     print(f"lmjax serve: {settings.model_name} (step {engine.step}, {engine.context}-token context, "
-          f"{engine.cfg.model.dtype}, {args.slots} slots) on http://{args.host}:{args.port}/v1; compiling, /health "
+          f"{engine.cfg.model.dtype}{f', {quant} weights' if quant else ''}, {args.slots} slots) on "
+          f"http://{args.host}:{args.port}/v1; compiling, /health "
           "turns 200 when ready", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
+
+
+def cmd_compress(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.compress.run import Compression, compress_run
+
+    if overrides:
+        raise ConfigError("compress takes no --config overrides")
+    compression = Compression(args.quant or "", args.group_size, args.prune or "", args.sparsity, args.pattern or "",
+                              args.calibration or "", args.calibration_batches)
+    summary = compress_run(args.workdir, args.out, compression, args.step)
+    print(f"wrote {summary['out']} (step {summary['step']}): parameters {summary['source_bytes'] / 1e6:.1f} MB -> "
+          f"{summary['bytes'] / 1e6:.1f} MB, block weights {summary['sparsity']:.1%} zero, "
+          f"{summary['seconds']:.1f}s")
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -334,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store-chats", action="store_true",
                    help="do not keep chat completions (then /v1/feedback cannot rate them)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compress", help="write a run with quantized and/or pruned weights (serve it like any run)")
+    p.add_argument("--workdir", required=True, help="the trained run to compress")
+    p.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--quant", choices=("int8", "int4"), help="int8 per output channel or int4 in groups")
+    p.add_argument("--group-size", type=int, default=0, help="int4: inputs per scale (e.g. 128 or 32; 0 = per channel)")
+    p.add_argument("--prune", choices=("magnitude", "wanda"), help="zero the least important block weights")
+    p.add_argument("--sparsity", type=float, default=0.0, help="share of block weights to zero, e.g. 0.5")
+    p.add_argument("--pattern", help="N:M pattern instead of --sparsity, e.g. 2:4")
+    p.add_argument("--calibration", help="wanda: data spec of calibration text (default: the run's data.val)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="wanda: batches of 8 rows")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")

@@ -17,6 +17,7 @@ FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
+QUANT_FORMATS = ("", "int8", "int4")
 
 
 class LmjaxError(Exception):
@@ -105,6 +106,18 @@ def base_config() -> ConfigDict:
     r.head_dim = ""
     r.mlp = "tensor"
     r.position = ""
+
+    c.compress = q = ConfigDict()  # how `lmjax compress` made this run out of another (it sets these; read at load)
+    q.source = ""  # run directory the weights came from; "" = not a compressed run
+    q.source_step = -1  # checkpoint step of the source run
+    q.quant = ""  # weight format: "" (float), "int8" (per output channel) or "int4" (groups of group_size)
+    q.group_size = 0  # contracted rows sharing one scale; 0 = a whole column (per channel)
+    q.matmul = "auto"  # how quantized weights multiply: "int8" (integer matmul), "dequant"; "auto" = int8 on CPU
+    q.prune = ""  # pruning of the block projections: "", "magnitude" or "wanda"
+    q.sparsity = 0.0  # share of those weights set to zero (unless pattern is set)
+    q.pattern = ""  # N:M pattern instead of a share, e.g. "2:4" (keep 2 of every 4 inputs per output)
+    q.calibration = ""  # data spec whose text gave Wanda's input norms ("" = the source run's data.val)
+    q.calibration_batches = 8  # batches of 8 rows of model.seq_len tokens for those norms
 
     c.distributed = p = ConfigDict()  # how this process joins a multi-process job (not saved with the run)
     p.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or auto-detect
@@ -250,6 +263,12 @@ def validate(cfg: ConfigDict) -> ConfigDict:
            "train.log_every, train.ckpt_every and train.eval_steps must be positive")
     _check(cfg.tokenizer.kind in ("bpe", "unigram", "char"),
            f"tokenizer.kind must be bpe|unigram|char, got {cfg.tokenizer.kind!r}")
+    q = cfg.compress
+    _check(q.quant in QUANT_FORMATS, f"compress.quant must be one of {QUANT_FORMATS}, got {q.quant!r}")
+    _check(q.matmul in ("auto", "int8", "dequant"), f"compress.matmul must be auto|int8|dequant, got {q.matmul!r}")
+    _check(q.prune in ("", "magnitude", "wanda"), f"compress.prune must be ''|magnitude|wanda, got {q.prune!r}")
+    _check(q.group_size >= 0 and 0.0 <= q.sparsity < 1.0 and q.calibration_batches > 0,
+           "compress.group_size must be >= 0, compress.sparsity in [0, 1), compress.calibration_batches positive")
     for axis in MESH_AXES:
         size = cfg.mesh[axis]
         _check(size == -1 or size > 0, f"mesh.{axis} must be positive or -1, got {size}")

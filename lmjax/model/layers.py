@@ -1,16 +1,41 @@
 """Building blocks: parameters with logical axes, projections, norms, RoPE, dropout."""
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lmjax.model.quantized import QArray, qeinsum
 from lmjax.parallel.rules import constrain
 
 PROJECTION = "projection"  # name of every `project` output (the matmuls without batch dimensions)
+
+# While `record_inputs` is active: id of each projected weight's nnx.Param -> sum over tokens of its
+# input's squares per contracted feature (for Wanda's calibration, lmjax/compress/prune.py).
+_INPUT_NORMS: dict[int, jax.Array] | None = None
+
+
+@contextlib.contextmanager
+def record_inputs() -> Iterator[dict[int, jax.Array]]:
+    """Within the block, every `project` (and `head_logits`) call adds its input's per-feature sum of squares,
+    keyed by the id of its weight's `nnx.Param`, to the dict it yields. For calibration only: a trace-time
+    hook, so use it around a model call inside one jitted function that returns the dict."""
+    global _INPUT_NORMS
+    previous, _INPUT_NORMS = _INPUT_NORMS, {}
+    try:
+        yield _INPUT_NORMS
+    finally:
+        _INPUT_NORMS = previous
+
+
+def _record(w: nnx.Param, x: jax.Array, contracted: int) -> None:
+    if _INPUT_NORMS is not None:
+        squares = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - contracted)))
+        _INPUT_NORMS[id(w)] = _INPUT_NORMS.get(id(w), 0) + squares
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype,
@@ -56,11 +81,34 @@ def project(x: jax.Array, w: nnx.Param, equation: str, dtype: jnp.dtype,
     """`einsum(equation, x, w) + bias` with both matmul inputs in the compute dtype, float32 accumulation
     (forward and backward) and the bias added in float32 before rounding to the compute dtype. The result
     is named `PROJECTION` for rematerialisation policies: the custom VJP hides its matmul from JAX's
-    dot-based policies, so `model.remat="dots"` saves these names instead."""
-    out = _einsum_f32(equation, x.astype(dtype), w[...].astype(dtype))
+    dot-based policies, so `model.remat="dots"` saves these names instead. A quantized weight (`QArray`, from
+    `lmjax compress`) is multiplied by `qeinsum` (inference only)."""
+    value = w.get_value()
+    if isinstance(value, QArray):
+        out = qeinsum(equation, x, value, dtype)
+    else:
+        _record(w, x, _contracted(equation))
+        out = _einsum_f32(equation, x.astype(dtype), value.astype(dtype))
     if bias is not None:
         out = out + bias[...].astype(jnp.float32)
     return checkpoint_name(out.astype(dtype), PROJECTION)
+
+
+def head_logits(x: jax.Array, w: nnx.Param, equation: str, dtype: jnp.dtype) -> jax.Array:
+    """The output head's float32 logits, `einsum(equation, x, w)` with x in the compute dtype (w may be
+    quantized)."""
+    value = w.get_value()
+    if isinstance(value, QArray):
+        return qeinsum(equation, x, value, dtype)
+    _record(w, x, _contracted(equation))
+    return jnp.einsum(equation, x.astype(dtype), value.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _contracted(equation: str) -> int:
+    """How many axes `equation` (lhs,rhs->out) contracts."""
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    return sum(c in rhs and c not in out for c in lhs)
 
 
 class LayerNorm(nnx.Module):

@@ -13,7 +13,8 @@ from ml_collections import ConfigDict
 
 from lmjax.model.attention import Attention, write_at
 from lmjax.model.config import ModelConfig
-from lmjax.model.layers import PROJECTION, GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, param
+from lmjax.model.layers import PROJECTION, GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, head_logits, param
+from lmjax.model.quantized import QArray, take_rows
 from lmjax.parallel.rules import constrain
 
 # What a rematerialised block keeps for the backward pass (`model.remat`); the rest is recomputed there.
@@ -90,7 +91,7 @@ class Transformer(nnx.Module):
         Without a cache each block is rematerialised under `model.remat` (this only changes what the
         backward pass stores and recomputes, never the values).
         """
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = embed_tokens(self.embed, tokens, self.dtype)
         if self.family == "gpt2":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
@@ -110,15 +111,25 @@ class Transformer(nnx.Module):
                 x, layer_cache = block(x, positions, segment_ids, rngs[i], cache["layers"][i], valid, index)
                 layer_caches.append(layer_cache)
         x = self.final_norm(x)
-        head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        if head.shape[1] > self.vocab_size:
-            logits = jnp.where(jnp.arange(head.shape[1]) < self.vocab_size, logits, MASKED_LOGIT)
+        if self.tie_embeddings:
+            logits = head_logits(x, self.embed, "btd,vd->btv", self.dtype)
+        else:
+            logits = head_logits(x, self.lm_head, "btd,dv->btv", self.dtype)
+        if logits.shape[-1] > self.vocab_size:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, MASKED_LOGIT)
         logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
             new_cache = {"layers": layer_caches, "valid": valid, "index": index + tokens.shape[1]}
         return logits, new_cache
+
+
+def embed_tokens(embed: nnx.Param, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The embedding rows of `tokens` in `dtype` (the table may be quantized)."""
+    table = embed.get_value()
+    if isinstance(table, QArray):
+        return take_rows(table, tokens, dtype)
+    return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
 def _train_block(block: Block, remat: str, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -54,6 +54,10 @@ class Checkpointer:
             items["loaders"] = ocp.args.JsonSave(loaders.state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def save_params(self, step: int, params: Any) -> None:
+        """Saves parameters alone at `step` (a compressed run: it samples and serves but does not train on)."""
+        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+
     def restore(self, abstract_state: State, loaders: Loaders | None = None, step: int | None = None) -> State:
         """The state at `step` (default: latest) laid out like `abstract_state` (shapes and shardings);
         moves this process's `loaders` to their saved positions."""

@@ -8,6 +8,7 @@ from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
 from lmjax.model.params import abstract_model
+from lmjax.model.quantized import quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
 from lmjax.text.tokenizer import Tokenizer
@@ -31,10 +32,19 @@ def decode_dtype(run_dtype: str, backend: str) -> str:
     return "float32" if backend == "cpu" else run_dtype
 
 
+def quant_matmul(setting: str, backend: str) -> str:
+    """How quantized weights multiply (`compress.matmul`): "auto" is the integer matmul on a CPU, where XLA would
+    widen every weight to float32 at every step, and dequantize-in-the-matmul on accelerators, where XLA fuses
+    it (lmjax/model/quantized.py)."""
+    if setting != "auto":
+        return setting
+    return "int8" if backend == "cpu" else "dequant"
+
+
 def restore_model(wd: Workdir, step: int | None = None) -> Restored:
     """A trained run's model, params from checkpoint `step` (default latest), on the default device, computing
-    in `decode_dtype` (said on stderr when that is not the run's dtype). Raises WorkdirError / CheckpointError
-    with a clear message."""
+    in `decode_dtype` (said on stderr when that is not the run's dtype); a compressed run's quantized weights
+    multiply the `quant_matmul` way. Raises WorkdirError / CheckpointError with a clear message."""
     cfg = wd.load_config()
     dtype = decode_dtype(cfg.model.dtype, jax.default_backend())
     if dtype != cfg.model.dtype:
@@ -43,6 +53,13 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
         cfg.model.dtype = dtype
     tokenizer = Tokenizer.load(wd.tokenizer_dir)
     graphdef, abstract_params, _ = abstract_model(cfg.model)
+    q = cfg.compress
+    if q.quant:
+        matmul = quant_matmul(q.matmul, jax.default_backend())
+        groups = f" in groups of {q.group_size}" if q.group_size else " per output channel"
+        print(f"{wd.path.name}: {q.quant} weights{groups}, {matmul} matmuls on {jax.default_backend()}",
+              file=sys.stderr)
+        abstract_params = jax.eval_shape(lambda p: quantize_params(p, q.quant, q.group_size, matmul), abstract_params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                                    abstract_params)

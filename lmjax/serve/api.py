@@ -223,7 +223,7 @@ class Api:
         live = self.engine
         return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmjax",
                 "max_model_len": self.context, "step": live.step,
-                "workdir": str(live.workdir.path) if live.workdir else None}
+                "workdir": str(live.workdir.path) if live.workdir else None, "compression": live.compression}
 
     @staticmethod
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:

@@ -34,6 +34,10 @@ class ChatEngine:
         end_ids = (tokenizer.eos_id, tokenizer.special_ids["<|end|>"])
         self.engine = Engine(cfg.model, graphdef, params, num_slots, end_ids=end_ids)
         self.context = self.engine.max_len
+        q = cfg.compress
+        # What `lmjax compress` did to these weights (None for a float run), for the model card and /v1/models.
+        self.compression = ({k: q[k] for k in ("quant", "group_size", "prune", "sparsity", "pattern", "source")}
+                            if q.source else None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -158,7 +162,8 @@ class ChatEngine:
         m = self.cfg.model
         card = {"family": m.family, "dtype": m.dtype, "params": self.num_params, "layers": m.num_layers,
                 "d_model": m.d_model, "heads": m.num_heads, "context": self.context, "vocab_size": m.vocab_size,
-                "step": self.step, "workdir": str(self.workdir.path) if self.workdir else None, "val": {}}
+                "step": self.step, "workdir": str(self.workdir.path) if self.workdir else None,
+                "compression": self.compression, "val": {}}
         for record in read_metrics(self.workdir.metrics_path) if self.workdir else []:
             if any(k.startswith("val_") for k in record):
                 card["val"] = {"step": record.get("step"), **{k: v for k, v in record.items() if k.startswith("val_")}}
