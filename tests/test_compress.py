@@ -16,7 +16,7 @@ from lmjax.config import ConfigError
 from lmjax.eval.lm import eval_step, lm_metrics
 from lmjax.input.packing import eval_batches
 from lmjax.input.specs import load_chunks
-from lmjax.model.quantized import QArray, dequantize, qeinsum, quantize, quantize_params, take_rows, with_matmul
+from lmjax.model.quantized import QArray, dequantize, for_matmul, qeinsum, quantize, quantize_params, take_rows
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
 
@@ -27,23 +27,25 @@ def test_round_trip_error_is_at_most_half_a_step_per_group(bits, group_size):
     w[:, 0, 0] *= 50  # one output column with a far larger range than the rest
     qa = quantize(w, 1, bits, group_size)
     levels = {"int8": 127, "int4": 7}[bits]
-    assert qa.q.dtype == jnp.int8 and qa.q.shape == (64, 32) and qa.scale.shape == (64 // (group_size or 64), 32)
-    assert int(jnp.abs(qa.q).max()) == levels
+    assert qa.scale.shape == (64 // (group_size or 64), 32)
+    assert (qa.q.dtype, qa.q.shape) == ((jnp.int8, (64, 32)) if bits == "int8" else (jnp.uint8, (32, 32)))
+    assert qa.values.shape == (64, 32) and int(jnp.abs(qa.values).max()) == levels
     error = np.abs(np.asarray(dequantize(qa)) - w).reshape(64, 32)
     step = np.repeat(np.asarray(qa.scale), 64 // qa.scale.shape[0], axis=0)  # each weight's own scale
     assert np.all(error <= step / 2 + 1e-6)
     assert np.asarray(qa.scale)[:, 0].min() > 10 * np.asarray(qa.scale)[:, 1:].max()  # the big column has its own
 
 
+@pytest.mark.parametrize("rows", [(2, 3), (1, 1)])  # one row takes the int8 matmul's two-row path
 @pytest.mark.parametrize("matmul,tolerance", [("dequant", 1e-5), ("int8", 0.02)])
-def test_qeinsum_matches_the_dequantized_weight(matmul, tolerance):
+def test_qeinsum_matches_the_dequantized_weight(matmul, tolerance, rows):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)  # [b, t, heads, head_dim]
+    x = jnp.asarray(rng.standard_normal((*rows, 4, 16)), jnp.float32)  # [b, t, heads, head_dim]
     w = rng.standard_normal((4, 16, 32)).astype(np.float32)  # the attention output's [heads, head_dim, d]
-    qa = quantize(w, 2, "int4", 32).replace(matmul=matmul)
+    qa = for_matmul({"w": quantize(w, 2, "int4", 32)}, matmul)["w"]
     got = qeinsum("bthk,hkd->btd", x, qa, jnp.float32)
-    want = jnp.einsum("bthk,hkd->btd", x, dequantize(qa))
-    assert got.shape == (2, 3, 32)
+    want = jnp.einsum("bthk,hkd->btd", x, dequantize(qa))  # (for int8: of the requantized weight)
+    assert got.shape == (*rows, 32)
     assert float(jnp.abs(got - want).max()) <= tolerance * float(jnp.abs(want).max())
 
 
@@ -97,10 +99,10 @@ def test_quantized_logits_stay_close_to_float(run):
     reference = forward(params)[..., :vocab]
     for bits, group_size, matmul, tolerance in [("int8", 0, "dequant", 0.005), ("int8", 0, "int8", 0.005),
                                                 ("int4", 32, "int8", 0.03)]:
-        quantized = quantize_params(params, bits, group_size, matmul)
+        quantized = for_matmul(quantize_params(params, bits, group_size), matmul)
         error = float(jnp.abs(forward(quantized)[..., :vocab] - reference).mean() / reference.std())
         assert error < tolerance, (bits, group_size, matmul, error)
-    assert bpb(run, quantize_params(params, "int8", 0, "int8")) < bpb(run, params) * 1.01
+    assert bpb(run, for_matmul(quantize_params(params, "int8"), "int8")) < bpb(run, params) * 1.01
 
 
 def test_wanda_keeps_what_large_inputs_read():
@@ -143,7 +145,8 @@ def test_compress_cli_writes_a_run_every_command_loads(trained_run, tmp_path, ca
     assert saved["quant"] == "int8" and saved["prune"] == "wanda" and saved["pattern"] == "2:4"
     cfg, graphdef, params, _, step = restore_model(open_workdir(out))
     assert isinstance(params["blocks"][0]["mlp"]["down"], QArray) and sparsity_of(params) == 0.5
-    q = np.asarray(params["blocks"][0]["mlp"]["down"].q).reshape(-1, 4, params["blocks"][0]["mlp"]["down"].q.shape[1])
+    down = params["blocks"][0]["mlp"]["down"]
+    q = np.asarray(down.values).reshape(-1, 4, down.values.shape[1])
     assert np.all((q != 0).sum(axis=1) <= 2)  # 2:4 survives quantization
 
     assert main(["sample", "--workdir", str(out), "--prompt", "def", "--max-new-tokens", "5", "--seed", "1"]) == 0
@@ -176,7 +179,7 @@ def test_sample_on_a_compressed_run_compiles_once(trained_run, tmp_path):
     out = tmp_path / "tiny-int4"
     compress_run(trained_run[0], out, Compression(quant="int4", group_size=32))
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(out))
-    sampler = Sampler(cfg.model, graphdef, with_matmul(params, "int8"), tokenizer)
+    sampler = Sampler(cfg.model, graphdef, for_matmul(params, "int8"), tokenizer)
     for prompt, seed in (("def", 0), ("class Foo", 1)):
         sampler.generate([prompt], 6, seed=seed)
         assert sampler._decode._cache_size() == 1 and sampler._prefill._cache_size() == 1

@@ -122,7 +122,7 @@ def sparsity_of(params: Params) -> float:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]:
         keys = tuple(p.key for p in path)
         if prunable(keys):
-            values = np.asarray(jax.device_get(leaf.q if isinstance(leaf, QArray) else leaf))
+            values = np.asarray(jax.device_get(leaf.values if isinstance(leaf, QArray) else leaf))
             zeros += int((values == 0).sum())
             total += values.size
     return zeros / max(total, 1)

@@ -8,7 +8,7 @@ from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
 from lmjax.model.params import abstract_model
-from lmjax.model.quantized import quantize_params
+from lmjax.model.quantized import for_matmul, quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
 from lmjax.text.tokenizer import Tokenizer
@@ -59,13 +59,15 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
         groups = f" in groups of {q.group_size}" if q.group_size else " per output channel"
         print(f"{wd.path.name}: {q.quant} weights{groups}, {matmul} matmuls on {jax.default_backend()}",
               file=sys.stderr)
-        abstract_params = jax.eval_shape(lambda p: quantize_params(p, q.quant, q.group_size, matmul), abstract_params)
+        abstract_params = jax.eval_shape(lambda p: quantize_params(p, q.quant, q.group_size), abstract_params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                                    abstract_params)
     with Checkpointer(wd.checkpoint_dir) as ckpt:
         step = ckpt.resolve_step(step)
         params = ckpt.restore_params(abstract_params, step)
+    if q.quant:
+        params = for_matmul(params, matmul)
     return Restored(cfg, graphdef, params, tokenizer, step)
 
 
