@@ -193,7 +193,7 @@ def cmd_compress(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise ConfigError("compress takes no --config overrides")
     compression = Compression(args.quant or "", args.group_size, args.prune or "", args.sparsity, args.pattern or "",
-                              args.calibration or "", args.calibration_batches)
+                              args.calibration or "", args.calibration_batches, args.kv_cache_dtype or "")
     summary = compress_run(args.workdir, args.out, compression, args.step)
     print(f"wrote {summary['out']} (step {summary['step']}): parameters {summary['source_bytes'] / 1e6:.1f} MB -> "
           f"{summary['bytes'] / 1e6:.1f} MB, block weights {summary['sparsity']:.1%} zero, "
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="N:M pattern instead of --sparsity, e.g. 2:4")
     p.add_argument("--calibration", help="wanda: data spec of calibration text (default: the run's data.val)")
     p.add_argument("--calibration-batches", type=int, default=8, help="wanda: batches of 8 rows")
+    p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), help="KV cache of the new run "
+                   "(int8: a scale per token and head; default: the source's)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")

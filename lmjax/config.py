@@ -53,6 +53,7 @@ def base_config() -> ConfigDict:
     m.dropout = 0.0  # dropout on embeddings, attention output and MLP output
     m.dtype = "bfloat16"  # compute dtype of activations and matmul inputs (matmuls accumulate in float32)
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+    m.cache_dtype = ""  # KV cache when decoding: "" (= dtype), float32, bfloat16 or int8 (a scale per token and head)
     m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
     m.rope_theta = 10000.0  # RoPE base frequency (llama family)
     m.tie_embeddings = False  # share the input embedding with the output projection
@@ -239,6 +240,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
     for key in ("dtype", "param_dtype"):
         _check(m[key] in DTYPES, f"model.{key} must be one of {DTYPES}, got {m[key]!r}")
+    _check(m.cache_dtype in ("", *DTYPES, "int8"), f"model.cache_dtype must be '', int8 or one of {DTYPES}, "
+           f"got {m.cache_dtype!r}")
     for key in ("num_layers", "num_heads", "d_model", "d_ff", "seq_len"):
         _check(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
     kv = m.num_kv_heads or m.num_heads

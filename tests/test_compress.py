@@ -201,3 +201,39 @@ def test_bad_compress_requests_are_refused_and_nothing_is_overwritten(trained_ru
     with pytest.raises(ConfigError, match="itself compressed"):
         compress_run(compressed, tmp_path / "cc", Compression(quant="int4"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "taken"]  # no staging directory left behind
+
+
+@pytest.mark.parametrize("cache_dtype,tolerance", [("bfloat16", 0.02), ("int8", 0.02)])
+def test_kv_cache_dtype_keeps_the_logits(run, cache_dtype, tolerance):
+    """Prefill through a bfloat16 or int8 KV cache then one decode step gives the logits of the float32 cache
+    within `tolerance` of their standard deviation (mean |difference|)."""
+    from lmjax.infer.sampler import prefill_logits
+    from lmjax.model.transformer import init_cache
+
+    cfg, graphdef, params, _, batches = run
+    tokens = jnp.asarray(batches[0]["inputs"][:2, :16])
+    lengths = jnp.asarray([16, 11])
+    outputs = []
+    for dtype in ("float32", cache_dtype):
+        model_cfg = cfg.model.copy_and_resolve_references()
+        model_cfg.cache_dtype = dtype
+        cache = init_cache(model_cfg, 2, 32)
+        if dtype == "int8":
+            assert cache["layers"][0]["k"].dtype == jnp.int8 and cache["layers"][0]["k_scale"].shape == (2, 32, 2)
+        _, cache = prefill_logits(params, tokens, lengths, cache, graphdef=graphdef)
+        logits, _ = nnx.merge(graphdef, params)(tokens[:, :1], cache["index"][:, None], jnp.ones((2, 1), jnp.int32),
+                                                cache=cache)
+        outputs.append(logits[..., :cfg.model.vocab_size])
+    reference, got = outputs
+    assert float(jnp.abs(got - reference).mean() / reference.std()) < tolerance
+
+
+def test_compress_can_set_the_kv_cache_dtype(trained_run, tmp_path):
+    compress_run(trained_run[0], tmp_path / "kv8", Compression(cache_dtype="int8"))
+    cfg = open_workdir(tmp_path / "kv8").load_config()
+    assert cfg.model.cache_dtype == "int8" and cfg.compress.quant == "" and cfg.compress.source
+    from lmjax.serve.engine import ChatEngine
+
+    engine = ChatEngine.from_workdir(tmp_path / "kv8", num_slots=2)
+    assert engine.engine._cache["layers"][0]["k"].dtype == jnp.int8
+    assert engine.generate([engine.prompt_ids([{"role": "user", "content": "hi"}], 4)], 4, temperature=0)

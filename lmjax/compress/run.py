@@ -40,13 +40,14 @@ class Compression:
     pattern: str = ""  # N:M pattern instead of sparsity
     calibration: str = ""  # data spec for Wanda ("" = the source run's data.val)
     calibration_batches: int = 8  # calibration batches
+    cache_dtype: str = ""  # KV cache dtype of the new run (model.cache_dtype); "" = keep the source's
 
     def check(self) -> None:
         """ConfigError for a combination that makes no sense."""
         if self.quant not in QUANT_FORMATS:
             raise ConfigError(f"--quant must be int8 or int4, got {self.quant!r}")
-        if not self.quant and not self.prune:
-            raise ConfigError("nothing to do: give --quant and/or --prune")
+        if not self.quant and not self.prune and not self.cache_dtype:
+            raise ConfigError("nothing to do: give --quant, --prune and/or --kv-cache-dtype")
         if self.prune and not self.sparsity and not self.pattern:
             raise ConfigError("--prune needs --sparsity (e.g. 0.5) or --pattern (e.g. 2:4)")
         if (self.sparsity or self.pattern) and not self.prune:
@@ -82,7 +83,9 @@ def compress_run(source: str | Path, out: str | Path, compression: Compression, 
         params = prune_params(params, compression.prune, compression.sparsity, compression.pattern, norms)
     if compression.quant:
         params = quantize_params(params, compression.quant, compression.group_size)
-    cfg.compress.update(source=str(wd.path.absolute()), source_step=step, **dataclasses.asdict(compression))
+    settings = dataclasses.asdict(compression)
+    cfg.model.cache_dtype = settings.pop("cache_dtype") or cfg.model.cache_dtype
+    cfg.compress.update(source=str(wd.path.absolute()), source_step=step, **settings)
     validate(cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)

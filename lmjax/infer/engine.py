@@ -120,7 +120,7 @@ def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array
     if prompt_logprobs:
         out += _logprobs(logits[0, :-1], tokens[1:])
     put = lambda big, row: jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
-    layers = [{name: put(big[name], row[name]) for name in ("k", "v")}
+    layers = [{name: put(big[name], row[name]) for name in big}
               for big, row in zip(cache["layers"], fresh["layers"], strict=True)]
     row_valid = jnp.arange(cache["valid"].shape[1]) < length
     return out, {"layers": layers, "valid": put(cache["valid"], row_valid[None]),

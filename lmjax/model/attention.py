@@ -15,6 +15,28 @@ def write_at(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Arra
     return jax.vmap(write)(buffer, update, index)
 
 
+def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
+    """A layer's cache with keys and values [B, T, KV, D] written from each row's `index`; an int8 cache stores
+    each token's head vector rounded to int8 with its own scale (max |x| / 127)."""
+    new = {}
+    for name, x in (("k", k), ("v", v)):
+        if cache[name].dtype == jnp.int8:
+            scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127
+            scale = jnp.where(scale == 0, 1.0, scale)
+            x = jnp.round(x.astype(jnp.float32) / scale[..., None])
+            new[f"{name}_scale"] = write_at(cache[f"{name}_scale"], scale, index)
+        new[name] = write_at(cache[name], x, index)
+    return new
+
+
+def read_cache(cache: dict, name: str, dtype: jnp.dtype) -> jax.Array:
+    """Keys or values of a layer's cache in `dtype` (an int8 cache scaled back)."""
+    x = cache[name]
+    if x.dtype == jnp.int8:
+        return (x.astype(jnp.float32) * cache[f"{name}_scale"][..., None]).astype(dtype)
+    return x.astype(dtype)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention of queries [B, T, H, D] over a cache's keys/values [B, S, KV, D] where `mask`
     [B, T, S] allows. Two einsums with the query heads grouped per key/value head: on CPU about twice as fast
@@ -79,9 +101,8 @@ class Attention(nnx.Module):
             causal = jnp.tril(jnp.ones((length, length), bool))
             mask = (same_segment & causal)[:, None]
         else:
-            k = write_at(cache["k"], k, index)
-            v = write_at(cache["v"], v, index)
-            cache = {"k": k, "v": v}
+            cache = update_cache(cache, k, v, index)
+            k, v = read_cache(cache, "k", q.dtype), read_cache(cache, "v", q.dtype)
             query_slot = index[:, None] + jnp.arange(length)
             key_slot = jnp.arange(k.shape[1])
             seen = key_slot <= query_slot[..., None]

@@ -37,6 +37,7 @@ class ModelConfig:
     dropout: float
     dtype: str
     param_dtype: str
+    cache_dtype: str
     norm_eps: float
     rope_theta: float
     tie_embeddings: bool

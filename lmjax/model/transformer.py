@@ -143,13 +143,17 @@ def _train_block(block: Block, remat: str, x: jax.Array, positions: jax.Array, s
 
 
 def init_cache(cfg: ModelConfig | ConfigDict, batch_size: int, max_len: int) -> dict:
-    """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim], slot validity [B, max_len]
+    """An empty KV cache: per-layer keys/values [B, max_len, kv_heads, head_dim] in `cache_dtype` (int8 with a
+    float32 scale per token and head, "k_scale"/"v_scale" [B, max_len, kv_heads]), slot validity [B, max_len]
     and each row's next slot to write [B] (rows may hold sequences of different lengths)."""
     cfg = ModelConfig.from_config(cfg)
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.cache_dtype or cfg.dtype)
+    names = ("k", "v", "k_scale", "v_scale") if dtype == jnp.int8 else ("k", "v")
+    layer = lambda: {name: jnp.ones(shape[:3], jnp.float32) if name.endswith("_scale") else jnp.zeros(shape, dtype)
+                     for name in names}  # fresh arrays per layer: the engine donates each buffer
     return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)],
+        "layers": [layer() for _ in range(cfg.num_layers)],
         "valid": jnp.zeros((batch_size, max_len), bool),
         "index": jnp.zeros(batch_size, jnp.int32),
     }

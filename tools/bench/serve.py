@@ -263,15 +263,16 @@ def check_logits(run_dir: Path, hf_dir: Path) -> None:
         raise RuntimeError(f"the imported run's logits differ from transformers' by {diff}")
 
 
-def make_gguf(out: Path, hf_dir: Path, python: Path, converter: Path) -> Path:
-    """The HF checkpoint as an f32 GGUF, written by llama.cpp's converter in the llama.cpp venv."""
+def make_gguf(out: Path, hf_dir: Path, python: Path, converter: Path, outtype: str = "f32") -> Path:
+    """The HF checkpoint as a GGUF of `outtype` (f32, f16, q8_0), written by llama.cpp's converter in the llama.cpp
+    venv."""
     if out.is_file():
         return out
     print(f"[build] converting {hf_dir} to {out} with {converter}", flush=True)
     src = converter.parent
     env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}"}
     partial = out.with_name(out.name + ".partial")
-    done = subprocess.run([str(python), str(converter), str(hf_dir), "--outtype", "f32", "--outfile", str(partial)],
+    done = subprocess.run([str(python), str(converter), str(hf_dir), "--outtype", outtype, "--outfile", str(partial)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed (status {done.returncode}):\n{done.stderr[-3000:]}")
