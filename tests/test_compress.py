@@ -170,6 +170,13 @@ def test_compress_cli_writes_a_run_every_command_loads(trained_run, tmp_path, ca
             return (await http.get("/v1/models")).json()
 
     assert asyncio.run(models())["data"][0]["compression"]["prune"] == "wanda"
+    from lmjax.serve.demo import build_demo
+    from lmjax.serve.feedback import FeedbackStore
+    from lmjax.serve.safety import ContentFilter
+    from lmjax.text.blocklist import Blocklist
+
+    feedback = FeedbackStore.for_workdir(out)
+    assert build_demo(engine, feedback, ContentFilter(Blocklist.default(), feedback)) is not None
     engine.close()
 
 

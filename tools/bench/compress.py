@@ -5,21 +5,25 @@ Quality (`--pretrain`, `--chat`: the quickstart's runs): every variant is made w
 bfloat16, by rounding the weights to bfloat16) from the pretrained run and from the chat-tuned run; the
 table gives held-out bits per byte of the pretrained model (its data.val, `--val-batches` batches) and
 ROUGE-L of the chat model on the quickstart's held-out questions (`--questions`), both through the path
-that serves (on a CPU: the int8 matmul), plus the parameter file size.
+that serves (on a CPU: the int8 matmul), plus the parameter file size. Wanda calibrates on each run's
+training data (`lmjax compress` defaults to data.val, which here is the scored text).
 
 Speed (`--speed`): random Llama weights of `gpt2_small`-like shapes (d768, 12 layers, d_ff 2048, vocab
 4096; 91M parameters), built by tools/bench/serve.py's helpers (HF checkpoint -> lmjax run; GGUF by
 llama.cpp's converter). Decode tokens/s of the engine at batch 1 and 16 (32-token prompt, steady state),
 for float32, bfloat16, int8 and int4 g128, against:
-- the bandwidth bound: a large-array copy's bytes/s divided by the weight bytes each token reads;
+- the bandwidth bound: a large array's read bytes/s (a jitted sum) divided by the weight bytes each token
+  reads;
 - llama.cpp (llama-cpp-python, 2 threads) f32, f16 and q8_0 GGUFs of the same weights, batch 1, 128 greedy
   tokens after a 32-token prompt (when its venv exists; see tools/bench/serve.py).
 
     .venv/bin/python tools/bench/compress.py --pretrain runs/quickstart/pretrain --chat runs/quickstart/sft
     .venv/bin/python tools/bench/compress.py --speed --no-quality
+    .venv/bin/python tools/bench/compress.py --pretrain runs/gpt2_small_brief --chat '' --work runs/bench-gpt2
 """
 
 import argparse
+import dataclasses
 import glob
 import json
 import shutil
@@ -84,6 +88,8 @@ def variant_run(source: Path, name: str, work: Path) -> Path:
         return source
     out = work / f"{source.name}-{name.replace(' ', '_').replace('%', 'pct').replace(':', 'of')}"
     if not out.is_dir():
+        if compression.prune == "wanda":  # calibrate on training text, never on the text that is scored
+            compression = dataclasses.replace(compression, calibration=open_workdir(source).load_config().data.train)
         compress_run(source, out, compression)
     return out
 
@@ -116,28 +122,30 @@ def quality(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for name in VARIANTS:
         start = time.time()
-        pre, chat = (variant_run(r, name, work) for r in (args.pretrain, args.chat))
+        pre = variant_run(args.pretrain, name, work)
         bf16 = name == "bfloat16"
         row = {"variant": name, "bytes": params_bytes(pre) // (2 if bf16 else 1),
-               "val_bpb": held_out_bpb(pre, args.val_batches, bf16),
-               "rouge_l": chat_rouge(chat, args.questions, bf16, work)}
+               "val_bpb": held_out_bpb(pre, args.val_batches, bf16), "rouge_l": float("nan")}
+        if args.chat:
+            row["rouge_l"] = chat_rouge(variant_run(Path(args.chat), name, work), args.questions, bf16, work)
         rows.append(row)
         print(f"[quality] {name}: bpb {row['val_bpb']:.4f}, ROUGE-L {row['rouge_l']:.3f}, "
               f"{row['bytes'] / 1e6:.2f} MB ({time.time() - start:.0f}s)", flush=True)
     return rows
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a jitted copy of a 512 MB float32 array (read + write), the best of 5."""
-    big = jnp.ones(128 * 1024 * 1024, jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    jax.block_until_ready(copy(big))
+def read_bandwidth() -> float:
+    """Bytes/s of a jitted sum over a 1 GB float32 array, the best of 5: reading memory, as decoding reads its
+    weights. (A copy's figure is lower here and measures the page faults of its fresh output buffer.)"""
+    big = jnp.ones(256 * 1024 * 1024, jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(big))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        jax.block_until_ready(copy(big))
+        jax.block_until_ready(total(big))
         best = min(best, time.perf_counter() - start)
-    return 2 * big.nbytes / best
+    return big.nbytes / best
 
 
 def weight_bytes_per_token(params) -> int:
@@ -194,8 +202,8 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     tokenizer_dir = make_tokenizer(base / "tokenizer", SPEED_SPEC)
     hf_dir = make_hf_checkpoint(base / "hf", tokenizer_dir, SPEED_SPEC)
     run = make_run_dir(base / "run", hf_dir, tokenizer_dir)
-    bandwidth = copy_bandwidth()
-    print(f"[speed] copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    bandwidth = read_bandwidth()
+    print(f"[speed] read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     for name, dtype in (("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "float32"),
                         ("int4 g128", "float32")):
@@ -237,10 +245,10 @@ def summary(quality_rows: list[dict], speed_result: dict | None) -> None:
         print("\n| lmjax decode | batch | tokens/s | vs float32 | bandwidth bound (batch 1) | share of bound |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in rows:
-            share = r["tokens_per_s"] / r["bound_tokens_per_s"] if r["batch"] == 1 else float("nan")
+            share = f"{r['tokens_per_s'] / r['bound_tokens_per_s']:.0%}" if r["batch"] == 1 else "-"
             print(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
                   f"{r['tokens_per_s'] / tps['float32', r['batch']]:.2f}x | {r['bound_tokens_per_s']:.1f} | "
-                  f"{share:.0%} |")
+                  f"{share} |")
         peers = speed_result["llamacpp_batch1"]
         for ours, theirs in (("int8", "q8_0"), ("bfloat16", "f16"), ("float32", "f32")):
             if theirs in peers and (ours, 1) in tps:
@@ -250,7 +258,8 @@ def summary(quality_rows: list[dict], speed_result: dict | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain", type=Path, default=Path("runs/quickstart/pretrain"), help="pretrained run")
-    parser.add_argument("--chat", type=Path, default=Path("runs/quickstart/sft"), help="chat-tuned run")
+    parser.add_argument("--chat", default="runs/quickstart/sft",
+                        help="chat-tuned run ('' to skip ROUGE-L)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-compress"), help="compressed runs go here")
     parser.add_argument("--val-batches", type=int, default=40, help="held-out batches of 8 rows")
     parser.add_argument("--questions", type=int, default=64, help="held-out chat questions")
