@@ -6,8 +6,8 @@ from pathlib import Path
 import lmjax
 
 # Bottom to top: a module may import its own package and any package listed before it.
-LAYERS = ("config", "parallel", "text", "corpus", "model", "input", "run", "infer", "eval", "interop", "train",
-          "serve", "cli")
+LAYERS = ("config", "parallel", "text", "corpus", "model", "input", "run", "infer", "compress", "eval", "interop",
+          "train", "serve", "cli")
 NO_JAX = ("text", "corpus")  # pure-Python stages
 
 
