@@ -6,6 +6,7 @@
     lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N --slots 8]
     lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
+    lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -200,6 +201,14 @@ def cmd_compress(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{summary['seconds']:.1f}s")
 
 
+def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.interop.hf_export import export_hf
+
+    if overrides:
+        raise ConfigError("export takes no --config overrides")
+    print(f"wrote {export_hf(args.workdir, args.out, args.step)}")
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
@@ -365,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), help="KV cache of the new run "
                    "(int8: a scale per token and head; default: the source's)")
     p.set_defaults(func=cmd_compress)
+
+    export = sub.add_parser("export", help="write a run in another library's format").add_subparsers(
+        dest="export_command", required=True)
+    p = export.add_parser("hf", help="a Hugging Face directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--workdir", required=True, help="the run to export")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")

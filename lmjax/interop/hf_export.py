@@ -1,0 +1,130 @@
+"""Export an lmjax run as a Hugging Face checkpoint directory (GPT2LMHeadModel or LlamaForCausalLM).
+
+The inverse of lmjax/interop/hf.py: lmjax's per-head layouts go back to GPT-2's fused [in, out] Conv1D and
+Llama's [out, in] Linear weights, the vocabulary padding is cut off, and a tied embedding is saved once
+(`tie_word_embeddings`). The directory holds `config.json`, `model.safetensors`, `generation_config.json`
+and the run's SentencePiece tokenizer (`tokenizer.model` with a `LlamaTokenizer` `tokenizer_config.json`),
+so that `AutoModelForCausalLM.from_pretrained(DIR)` loads it without lmjax.
+
+Not yet (see the issue's note): sharded safetensors for large models, the chat template in
+`tokenizer_config.json`, Hugging Face tokenizers other than the run's SentencePiece model, LoRA adapters.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from safetensors.numpy import save_file
+
+from lmjax.config import ConfigError
+from lmjax.model.config import ModelConfig
+from lmjax.model.params import Params
+from lmjax.run.restore import restore_model
+from lmjax.run.workdir import open_workdir
+from lmjax.text.io import atomic_write
+from lmjax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+SPECIAL_PIECES = {"unk_token": ("<unk>", UNK_ID), "bos_token": ("<s>", BOS_ID), "eos_token": ("</s>", EOS_ID),
+                  "pad_token": ("<pad>", PAD_ID)}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json of the Hugging Face model with `cfg`'s shapes."""
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": BOS_ID,
+              "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "torch_dtype": "float32"}
+    if cfg.family == "gpt2":
+        if cfg.head_dim * cfg.num_heads != cfg.d_model:
+            raise ConfigError("GPT-2 needs head_dim x num_heads == d_model to export")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.d_model,
+                "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
+                "n_positions": cfg.seq_len, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", **common}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **common}
+
+
+def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """The Hugging Face state dict (float32 numpy) of lmjax `params`."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+    v, d = cfg.vocab_size, cfg.d_model
+    out: dict[str, np.ndarray] = {}
+    if cfg.family == "gpt2":
+        for i, block in p["blocks"].items():
+            a, m, pre = block["attn"], block["mlp"], f"transformer.h.{i}."
+            out[pre + "attn.c_attn.weight"] = np.concatenate([a[k].reshape(d, -1) for k in ("query", "key", "value")],
+                                                             axis=1)
+            out[pre + "attn.c_attn.bias"] = np.concatenate([a[k].reshape(-1) for k in
+                                                            ("query_bias", "key_bias", "value_bias")])
+            out[pre + "attn.c_proj.weight"] = a["out"].reshape(-1, d)
+            out[pre + "attn.c_proj.bias"] = a["out_bias"]
+            for norm, name in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[pre + f"{name}.weight"] = block[norm]["scale"]
+                out[pre + f"{name}.bias"] = block[norm]["bias"]
+            out[pre + "mlp.c_fc.weight"], out[pre + "mlp.c_fc.bias"] = m["fc_in"], m["fc_in_bias"]
+            out[pre + "mlp.c_proj.weight"], out[pre + "mlp.c_proj.bias"] = m["fc_out"], m["fc_out_bias"]
+        out["transformer.wte.weight"] = p["embed"][:v]
+        out["transformer.wpe.weight"] = p["pos_embed"]
+        out["transformer.ln_f.weight"] = p["final_norm"]["scale"]
+        out["transformer.ln_f.bias"] = p["final_norm"]["bias"]
+    else:
+        for i, block in p["blocks"].items():
+            a, m, pre = block["attn"], block["mlp"], f"model.layers.{i}."
+            for name, key in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+                out[pre + f"self_attn.{name}.weight"] = a[key].reshape(d, -1).T
+            out[pre + "self_attn.o_proj.weight"] = a["out"].reshape(-1, d).T
+            out[pre + "input_layernorm.weight"] = block["attn_norm"]["scale"]
+            out[pre + "post_attention_layernorm.weight"] = block["mlp_norm"]["scale"]
+            for name in ("gate", "up", "down"):
+                out[pre + f"mlp.{name}_proj.weight"] = m[name].T
+        out["model.embed_tokens.weight"] = p["embed"][:v]
+        out["model.norm.weight"] = p["final_norm"]["scale"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"][:, :v].T
+    return {name: np.ascontiguousarray(x) for name, x in out.items()}
+
+
+def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Writes checkpoint `step` (default latest) of the run `workdir` as a Hugging Face directory `out` (staged
+    under a temporary name, renamed when complete; a non-empty `out` is refused)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose a new --out")
+    wd = open_workdir(workdir)
+    saved: ConfigDict = wd.load_config()
+    if saved.compress.quant or saved.compress.source:
+        raise ConfigError(f"{wd.path} is a compressed run; export the float run it came from "
+                          f"({saved.compress.source})")
+    cfg, _, params, tokenizer, step = restore_model(wd, step)
+    model_cfg = ModelConfig.from_config(cfg.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(hf_tensors(model_cfg, params), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write(staging / "config.json", json.dumps(hf_config(model_cfg), indent=2))
+        generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, tokenizer.special_ids["<|end|>"]],
+                      "pad_token_id": PAD_ID}
+        atomic_write(staging / "generation_config.json", json.dumps(generation, indent=2))
+        shutil.copy(wd.tokenizer_dir / "tokenizer.model", staging / "tokenizer.model")
+        tokenizer_config = {
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "add_prefix_space": False, "legacy": False, "model_max_length": model_cfg.seq_len,
+            **{key: piece for key, (piece, _) in SPECIAL_PIECES.items()},
+        }
+        atomic_write(staging / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
+        atomic_write(staging / "special_tokens_map.json",
+                     json.dumps({key: piece for key, (piece, _) in SPECIAL_PIECES.items()}, indent=2))
+        atomic_write(staging / "lmjax_export.json", json.dumps({"workdir": str(wd.path.absolute()), "step": step}))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
