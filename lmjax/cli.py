@@ -7,6 +7,7 @@
     lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
     lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
+    lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -209,6 +210,14 @@ def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"wrote {export_hf(args.workdir, args.out, args.step)}")
 
 
+def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.interop.hf import import_hf
+
+    if overrides:
+        raise ConfigError("import takes no --config overrides")
+    print(f"wrote {import_hf(args.source, args.workdir, args.dtype)}")
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
     import jax
 
@@ -382,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_export_hf)
+
+    imports = sub.add_parser("import", help="read a model saved by another library").add_subparsers(
+        dest="import_command", required=True)
+    p = imports.add_parser("hf", help="a Hugging Face GPT-2 / Llama directory as a new run directory")
+    p.add_argument("source", help="directory with config.json, model.safetensors and tokenizer.model")
+    p.add_argument("--workdir", required=True, help="run directory to write (must not exist or be empty)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter and compute dtype")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("plan", help="parameters, FLOPs and per-device memory of a config, without allocating")
     p.add_argument("--config", required=True, help="config file")

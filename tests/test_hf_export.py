@@ -103,3 +103,21 @@ def test_bad_exports_are_refused(trained_run, tmp_path):
     with pytest.raises(ConfigError, match="compressed run"):
         export_hf(compressed, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "taken"]
+
+
+def test_import_of_an_export_is_a_run_every_command_uses(trained_run, tmp_path, capsys):
+    """export -> import gives a run with the same logits; sample runs on it and it can start a fine-tune."""
+    hf_dir = export_hf(trained_run[0], tmp_path / "hf")
+    run = tmp_path / "imported"
+    assert main(["import", "hf", str(hf_dir), "--workdir", str(run)]) == 0
+    np.testing.assert_allclose(lmjax_logits(run), lmjax_logits(trained_run[0]), atol=1e-5)
+    assert main(["sample", "--workdir", str(run), "--prompt", "def", "--max-new-tokens", "4"]) == 0
+    from lmjax.run.restore import check_init_from
+
+    cfg = open_workdir(run).load_config()
+    cfg.init_from = str(run)
+    assert check_init_from(cfg) == 0
+    assert main(["import", "hf", str(hf_dir), "--workdir", str(run)]) == 2  # never over an existing run
+    (hf_dir / "tokenizer.model").unlink()
+    assert main(["import", "hf", str(hf_dir), "--workdir", str(tmp_path / "x")]) == 2
+    assert "no tokenizer.model" in capsys.readouterr().err

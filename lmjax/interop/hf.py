@@ -1,4 +1,5 @@
-"""Import Hugging Face GPT-2 and Llama checkpoints (config.json + safetensors) as lmjax config and params.
+"""Import Hugging Face GPT-2 and Llama checkpoints (config.json + safetensors) as lmjax config and params, and
+as a run directory (`lmjax import hf`).
 
 Weight layouts differ between the libraries: GPT-2's Conv1D stores [in, out] and fuses q/k/v into one
 `c_attn`; Llama's Linear stores [out, in]. lmjax keeps heads as their own axis, e.g. the query
@@ -6,6 +7,8 @@ projection is [d_model, heads, head_dim] and the output projection [heads, head_
 """
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +17,12 @@ import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file
 
-from lmjax.config import DTYPES, DataError, base_config, validate
+from lmjax.config import DTYPES, ConfigError, DataError, base_config, validate
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params, abstract_model
+from lmjax.run.checkpoint import Checkpointer
+from lmjax.run.workdir import Workdir
+from lmjax.text.tokenizer import Tokenizer
 
 # Buffers that some (older) checkpoints save next to the weights; they carry no learned values.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -91,6 +97,44 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
     param_dtype = jnp.dtype(dtype)
     params = _map(lambda x: np.ascontiguousarray(x).astype(param_dtype), params)
     return cfg, params
+
+
+def import_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") -> Path:
+    """Writes the Hugging Face directory `source` as a new run directory `workdir` (config, tokenizer, one
+    params-only checkpoint at step 0) that sample, chat, demo, serve and `train --config.init_from` use.
+
+    The tokenizer must be a SentencePiece `tokenizer.model` with lmjax's chat markers as control pieces, as
+    `lmjax export hf` writes; Hugging Face `tokenizer.json` tokenizers are not supported yet (DataError)."""
+    source, workdir = Path(source), Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        raise ConfigError(f"{workdir} already exists and is not empty; choose a new --workdir")
+    if not (source / "tokenizer.model").is_file():
+        raise DataError(f"{source} has no tokenizer.model: only SentencePiece tokenizers with lmjax's chat markers "
+                        "(as `lmjax export hf` writes) can be imported so far")
+    model_cfg, params = load_hf_checkpoint(source, dtype)
+    tokenizer = Tokenizer.load(source)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise DataError(f"{source}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                        f"{model_cfg.vocab_size}")
+    cfg = base_config()
+    cfg.model = model_cfg
+    cfg.tokenizer.vocab_size = tokenizer.vocab_size
+    validate(cfg)
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.", dir=workdir.parent))
+    try:
+        wd = Workdir(staging)
+        wd.save_config(cfg)
+        tokenizer.save(wd.tokenizer_dir)
+        with Checkpointer(wd.checkpoint_dir) as ckpt:
+            ckpt.save_params(0, params)
+        if workdir.exists():
+            workdir.rmdir()
+        staging.rename(workdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return workdir
 
 
 def _read_config(path: Path) -> dict:
