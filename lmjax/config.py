@@ -56,6 +56,11 @@ def base_config() -> ConfigDict:
     m.cache_dtype = ""  # KV cache when decoding: "" (= dtype), float32, bfloat16 or int8 (a scale per token and head)
     m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
     m.rope_theta = 10000.0  # RoPE base frequency (llama family)
+    m.rope_scaling = ""  # RoPE frequency scaling: "" (none) or "llama3" (Llama 3.1+; the rope_* knobs below)
+    m.rope_factor = 8.0  # llama3 scaling: low frequencies are divided by this
+    m.rope_low_freq_factor = 1.0  # llama3: wavelengths above rope_original_context / this are fully scaled
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_context / this are kept
+    m.rope_original_context = 8192  # llama3: the context the frequencies were pretrained for
     m.tie_embeddings = False  # share the input embedding with the output projection
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
 
@@ -249,6 +254,10 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.head_dim > 0 or m.d_model % m.num_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless head_dim is set")
     _check(m.vocab_multiple > 0, f"model.vocab_multiple must be positive (1 = no padding), got {m.vocab_multiple}")
+    _check(m.rope_scaling in ("", "llama3"), f"model.rope_scaling must be '' or llama3, got {m.rope_scaling!r}")
+    _check(m.rope_factor > 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0 and m.rope_original_context > 0,
+           "model.rope_factor and rope_original_context must be positive, 0 < rope_low_freq_factor < "
+           "rope_high_freq_factor")
     _check(m.family != "llama" or (m.head_dim or m.d_model // m.num_heads) % 2 == 0,
            "llama head_dim must be even for RoPE")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")

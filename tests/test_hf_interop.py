@@ -36,7 +36,25 @@ def _llama(tied: bool) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
-BUILDERS = {"gpt2": _gpt2, "llama": lambda: _llama(False), "llama_tied": lambda: _llama(True)}
+def _llama3() -> torch.nn.Module:
+    """Llama 3.1's frequency scaling, with an original context short enough that all three bands occur."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                   rope_parameters=rope, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _mistral() -> torch.nn.Module:
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                     sliding_window=None, bos_token_id=0, eos_token_id=0)
+    return transformers.MistralForCausalLM(cfg)
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": lambda: _llama(False), "llama_tied": lambda: _llama(True), "mistral": _mistral,
+            "llama3_rope": _llama3}
 
 
 def _save(name: str, directory: Path, **save_kwargs) -> torch.nn.Module:
@@ -77,8 +95,9 @@ def _lmjax_logits(cfg, params) -> np.ndarray:
 def test_logits_match_transformers(checkpoints, name):
     directory, expected = checkpoints[name]
     cfg, params = load_hf_checkpoint(directory)
-    assert cfg.family == name.split("_")[0]
-    assert cfg.tie_embeddings == (name != "llama")
+    assert cfg.family == {"mistral": "llama"}.get(name, name.split("_")[0].rstrip("3"))
+    assert cfg.rope_scaling == ("llama3" if name == "llama3_rope" else "")
+    assert cfg.tie_embeddings == (name in ("gpt2", "llama_tied"))
     assert ("lm_head" in params) == (not cfg.tie_embeddings)
     got = _lmjax_logits(cfg, params)
     assert got.shape == (*expected.shape[:-1], 256)
@@ -86,6 +105,15 @@ def test_logits_match_transformers(checkpoints, name):
     assert params["embed"].shape == (256, 64) and not params["embed"][VOCAB:].any()
     if "lm_head" in params:
         assert params["lm_head"].shape == (64, 256) and not params["lm_head"][:, VOCAB:].any()
+
+
+def test_mistral_sliding_window_caps_the_context(checkpoints, tmp_path):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["mistral"][0], directory)
+    hf = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**hf, "sliding_window": 16}))
+    assert load_hf_checkpoint(directory)[0].seq_len == 16
+    assert load_hf_checkpoint(checkpoints["mistral"][0])[0].seq_len == 64
 
 
 def test_config_fields(checkpoints):
@@ -162,8 +190,9 @@ def test_bad_directories(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("name, change, message", [
-    ("llama", {"model_type": "mistral"}, "unsupported model_type 'mistral'"),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
+    ("llama", {"model_type": "gemma"}, "unsupported model_type 'gemma'"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "low_freq_factor"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "yarn"),
     ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),

@@ -63,7 +63,7 @@ class _Tensors:
 
 
 def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[ConfigDict, Params]:
-    """Reads a Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory.
+    """Reads a Hugging Face GPT2LMHeadModel, LlamaForCausalLM or MistralForCausalLM directory.
 
     Returns (model config, params): params match `abstract_model(cfg)` in structure and shape, stored in
     `dtype`, which also becomes the model's compute and parameter dtype. The embedding (and an untied
@@ -79,6 +79,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
     builders: dict[str, tuple[Callable, Callable, str]] = {
         "gpt2": (_gpt2_config, _gpt2_params, "transformer."),
         "llama": (_llama_config, _llama_params, "model."),
+        "mistral": (_mistral_config, _llama_params, "model."),
     }
     if model_type not in builders:
         raise DataError(f"unsupported model_type {model_type!r} in {path / 'config.json'}; "
@@ -231,10 +232,23 @@ def _llama_config(hf: dict) -> ConfigDict:
     _require(not hf.get("attention_bias", False), "llama with attention_bias=True")
     _require(not hf.get("mlp_bias", False), "llama with mlp_bias=True")
     rope = hf.get("rope_parameters") or {}
+    scaling = {}
     for key in ("rope_scaling", "rope_parameters"):
-        kind = (hf.get(key) or {}).get("rope_type", (hf.get(key) or {}).get("type", "default"))
-        _require(kind == "default", f"llama {key} of type {kind!r} (only plain RoPE)")
+        spec = hf.get(key) or {}
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        _require(kind in ("default", "llama3"), f"llama {key} of type {kind!r} (plain RoPE or llama3 only)")
+        if kind == "llama3":
+            scaling = spec
     cfg = base_config().model
+    if scaling:
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if k not in scaling]
+        _require(not missing, f"llama3 RoPE scaling without {missing}")
+        cfg.rope_scaling = "llama3"
+        cfg.rope_factor = float(scaling["factor"])
+        cfg.rope_low_freq_factor = float(scaling["low_freq_factor"])
+        cfg.rope_high_freq_factor = float(scaling["high_freq_factor"])
+        cfg.rope_original_context = int(scaling["original_max_position_embeddings"])
     d, h = _get(hf, "hidden_size"), _get(hf, "num_attention_heads")
     cfg.family = "llama"
     cfg.vocab_size = _get(hf, "vocab_size")
@@ -249,6 +263,16 @@ def _llama_config(hf: dict) -> ConfigDict:
     cfg.rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     cfg.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     cfg.dropout = 0.0
+    return cfg
+
+
+def _mistral_config(hf: dict) -> ConfigDict:
+    """Mistral is Llama's layout plus an optional sliding attention window; lmjax has no windowed attention,
+    so the context is capped at the window, within which both attend to the same keys."""
+    cfg = _llama_config(hf)
+    window = hf.get("sliding_window")
+    if window is not None:
+        cfg.seq_len = min(cfg.seq_len, _get(hf, "sliding_window"))
     return cfg
 
 

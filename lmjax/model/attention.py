@@ -60,7 +60,8 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.rope_theta = cfg.rope_theta if cfg.family == "llama" else None
+        # RoPE inverse frequencies as a static tuple (not a parameter); None for GPT-2's learned positions.
+        self.rope = tuple(cfg.rope_frequencies().tolist()) if cfg.family == "llama" else None
         self.query = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
         self.key = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.value = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
@@ -77,9 +78,9 @@ class Attention(nnx.Module):
         q = project(x, self.query, "btd,dhk->bthk", self.dtype, biases[0])
         k = project(x, self.key, "btd,dhk->bthk", self.dtype, biases[1])
         v = project(x, self.value, "btd,dhk->bthk", self.dtype, biases[2])
-        if self.rope_theta is not None:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+        if self.rope is not None:
+            q = apply_rope(q, positions, self.rope)
+            k = apply_rope(k, positions, self.rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))

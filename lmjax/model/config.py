@@ -7,6 +7,7 @@ Being a frozen dataclass of plain values, a ModelConfig is hashable and can be a
 
 import dataclasses
 
+import numpy as np
 from ml_collections import ConfigDict
 
 # Logical axes that tensor parallelism splits, with the knob that sizes each. A mesh axis that a sharding
@@ -40,6 +41,11 @@ class ModelConfig:
     cache_dtype: str
     norm_eps: float
     rope_theta: float
+    rope_scaling: str
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_context: int
     tie_embeddings: bool
     remat: str
 
@@ -52,6 +58,22 @@ class ModelConfig:
         values["num_kv_heads"] = cfg.num_kv_heads or cfg.num_heads
         values["head_dim"] = cfg.head_dim or cfg.d_model // cfg.num_heads
         return cls(**values)
+
+    def rope_frequencies(self) -> np.ndarray:
+        """RoPE's inverse frequencies [head_dim / 2] (float32), with Llama 3's scaling when `rope_scaling` is
+        "llama3": wavelengths longer than `rope_original_context / rope_low_freq_factor` are divided by
+        `rope_factor`, those shorter than `... / rope_high_freq_factor` kept, and those between blended."""
+        inv_freq = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        if self.rope_scaling == "llama3":
+            wavelength = 2 * np.pi / inv_freq
+            low, high = self.rope_original_context / self.rope_low_freq_factor, \
+                self.rope_original_context / self.rope_high_freq_factor
+            scaled = np.where(wavelength > low, inv_freq / self.rope_factor, inv_freq)
+            smooth = (self.rope_original_context / wavelength - self.rope_low_freq_factor) / (
+                self.rope_high_freq_factor - self.rope_low_freq_factor)
+            blended = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
+            inv_freq = np.where((wavelength >= high) & (wavelength <= low), blended, scaled)
+        return inv_freq.astype(np.float32)
 
     @property
     def padded_vocab(self) -> int:

@@ -174,10 +174,11 @@ class SwiGLU(nnx.Module):
         return project(h, self.down, "btf,fd->btd", self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding on [batch, length, heads, head_dim], half-split layout (as in Llama/HF)."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: Sequence[float]) -> jax.Array:
+    """Rotary position embedding on [batch, length, heads, head_dim], half-split layout (as in Llama/HF), with
+    inverse frequencies `inv_freq` [head_dim / 2] (`ModelConfig.rope_frequencies`)."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
     angles = positions[..., None].astype(jnp.float32) * inv_freq
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
