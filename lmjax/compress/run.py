@@ -4,13 +4,13 @@ The new run has the source's tokenizer, its config with the `compress.*` group f
 which run and step) and one checkpoint holding only parameters, at the source's step; `sample`, `chat`,
 `demo` and `serve` load it like any run (lmjax/run/restore.py rebuilds the quantized tree from `compress.*`).
 Pruning runs first, on float32 weights, then quantization (pruned zeros stay exact zeros). The directory is
-written under a temporary name and renamed when complete, and an existing run is never overwritten.
+written under a temporary name and renamed when complete (`new_directory`), and an existing run is never
+overwritten.
 """
 
 import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lmjax.model.quantized import quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import Workdir, open_workdir
+from lmjax.text.io import new_directory
 
 CALIBRATION_ROWS = 8  # rows of model.seq_len tokens per calibration batch
 
@@ -62,46 +63,34 @@ def compress_run(source: str | Path, out: str | Path, compression: Compression, 
     """Writes the compressed run `out` from checkpoint `step` (default latest) of `source`; returns a summary
     (sizes in bytes, sparsity, seconds)."""
     compression.check()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new --out")
     start = time.time()
-    wd = open_workdir(source)
-    cfg = wd.load_config()
-    if cfg.compress.source:
-        raise ConfigError(f"{wd.path} is itself compressed (from {cfg.compress.source}); compress the float run")
-    _, _, params, tokenizer, step = restore_model(wd, step)
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    if compression.prune:
-        norms = None
-        if compression.prune == "wanda":
-            spec = compression.calibration or cfg.data.val
-            print(f"calibrating on {spec} ({compression.calibration_batches} batches)", file=sys.stderr)
-            chunks = load_chunks(spec, tokenizer, cfg.model.seq_len)
-            batches = eval_batches(chunks, cfg.model.seq_len, CALIBRATION_ROWS, compression.calibration_batches)
-            norms = input_norms(cfg.model, params, batches)
-        params = prune_params(params, compression.prune, compression.sparsity, compression.pattern, norms)
-    if compression.quant:
-        params = quantize_params(params, compression.quant, compression.group_size)
-    settings = dataclasses.asdict(compression)
-    cfg.model.cache_dtype = settings.pop("cache_dtype") or cfg.model.cache_dtype
-    cfg.compress.update(source=str(wd.path.absolute()), source_step=step, **settings)
-    validate(cfg)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_directory(out) as staging:
+        wd = open_workdir(source)
+        cfg = wd.load_config()
+        if cfg.compress.source:
+            raise ConfigError(f"{wd.path} is itself compressed (from {cfg.compress.source}); compress the float run")
+        _, _, params, tokenizer, step = restore_model(wd, step)
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        if compression.prune:
+            norms = None
+            if compression.prune == "wanda":
+                spec = compression.calibration or cfg.data.val
+                print(f"calibrating on {spec} ({compression.calibration_batches} batches)", file=sys.stderr)
+                chunks = load_chunks(spec, tokenizer, cfg.model.seq_len)
+                batches = eval_batches(chunks, cfg.model.seq_len, CALIBRATION_ROWS, compression.calibration_batches)
+                norms = input_norms(cfg.model, params, batches)
+            params = prune_params(params, compression.prune, compression.sparsity, compression.pattern, norms)
+        if compression.quant:
+            params = quantize_params(params, compression.quant, compression.group_size)
+        settings = dataclasses.asdict(compression)
+        cfg.model.cache_dtype = settings.pop("cache_dtype") or cfg.model.cache_dtype
+        cfg.compress.update(source=str(wd.path.absolute()), source_step=step, **settings)
+        validate(cfg)
         new = Workdir(staging)
         shutil.copytree(wd.tokenizer_dir, new.tokenizer_dir)
         new.save_config(cfg)
         with Checkpointer(new.checkpoint_dir) as ckpt:
             ckpt.save_params(step, params)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"out": str(out), "step": step, "source_bytes": _size(wd.checkpoint_dir / str(step) / "params"),
             "bytes": _size(Workdir(out).checkpoint_dir / str(step) / "params"),
             "sparsity": sparsity_of(params), "seconds": time.time() - start}

@@ -7,8 +7,6 @@ projection is [d_model, heads, head_dim] and the output projection [heads, head_
 """
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +15,12 @@ import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file
 
-from lmjax.config import DTYPES, ConfigError, DataError, base_config, validate
+from lmjax.config import DTYPES, DataError, base_config, validate
 from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params, abstract_model
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
+from lmjax.text.io import new_directory
 from lmjax.text.tokenizer import Tokenizer
 
 # Buffers that some (older) checkpoints save next to the weights; they carry no learned values.
@@ -106,36 +105,26 @@ def import_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") -
 
     The tokenizer must be a SentencePiece `tokenizer.model` with lmjax's chat markers as control pieces, as
     `lmjax export hf` writes; Hugging Face `tokenizer.json` tokenizers are not supported yet (DataError)."""
-    source, workdir = Path(source), Path(workdir)
-    if workdir.exists() and any(workdir.iterdir()):
-        raise ConfigError(f"{workdir} already exists and is not empty; choose a new --workdir")
-    if not (source / "tokenizer.model").is_file():
-        raise DataError(f"{source} has no tokenizer.model: only SentencePiece tokenizers with lmjax's chat markers "
-                        "(as `lmjax export hf` writes) can be imported so far")
-    model_cfg, params = load_hf_checkpoint(source, dtype)
-    tokenizer = Tokenizer.load(source)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise DataError(f"{source}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                        f"{model_cfg.vocab_size}")
-    cfg = base_config()
-    cfg.model = model_cfg
-    cfg.tokenizer.vocab_size = tokenizer.vocab_size
-    validate(cfg)
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.", dir=workdir.parent))
-    try:
+    source = Path(source)
+    with new_directory(workdir) as staging:
+        if not (source / "tokenizer.model").is_file():
+            raise DataError(f"{source} has no tokenizer.model: only SentencePiece tokenizers with lmjax's chat "
+                            "markers (as `lmjax export hf` writes) can be imported so far")
+        model_cfg, params = load_hf_checkpoint(source, dtype)
+        tokenizer = Tokenizer.load(source)
+        if tokenizer.vocab_size != model_cfg.vocab_size:
+            raise DataError(f"{source}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size "
+                            f"is {model_cfg.vocab_size}")
+        cfg = base_config()
+        cfg.model = model_cfg
+        cfg.tokenizer.vocab_size = tokenizer.vocab_size
+        validate(cfg)
         wd = Workdir(staging)
         wd.save_config(cfg)
         tokenizer.save(wd.tokenizer_dir)
         with Checkpointer(wd.checkpoint_dir) as ckpt:
             ckpt.save_params(0, params)
-        if workdir.exists():
-            workdir.rmdir()
-        staging.rename(workdir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return workdir
+    return Path(workdir)
 
 
 def _read_config(path: Path) -> dict:

@@ -12,7 +12,6 @@ Not yet (see the issue's note): sharded safetensors for large models, the chat t
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -25,11 +24,10 @@ from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
-from lmjax.text.io import atomic_write
-from lmjax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from lmjax.text.io import new_directory
+from lmjax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-SPECIAL_PIECES = {"unk_token": ("<unk>", UNK_ID), "bos_token": ("<s>", BOS_ID), "eos_token": ("</s>", EOS_ID),
-                  "pad_token": ("<pad>", PAD_ID)}
+SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -97,40 +95,26 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
 
 
 def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Writes checkpoint `step` (default latest) of the run `workdir` as a Hugging Face directory `out` (staged
-    under a temporary name, renamed when complete; a non-empty `out` is refused)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new --out")
-    wd = open_workdir(workdir)
-    saved: ConfigDict = wd.load_config()
-    if saved.compress.quant or saved.compress.source:
-        raise ConfigError(f"{wd.path} is a compressed run; export the float run it came from "
-                          f"({saved.compress.source})")
-    cfg, _, params, tokenizer, step = restore_model(wd, step)
-    model_cfg = ModelConfig.from_config(cfg.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Writes checkpoint `step` (default latest) of the run `workdir` as a Hugging Face directory `out`
+    (`new_directory`: complete or absent; a non-empty `out` is refused)."""
+    with new_directory(out) as staging:
+        wd = open_workdir(workdir)
+        saved: ConfigDict = wd.load_config()
+        if saved.compress.quant or saved.compress.source:
+            raise ConfigError(f"{wd.path} is a compressed run; export the float run it came from "
+                              f"({saved.compress.source})")
+        cfg, _, params, tokenizer, step = restore_model(wd, step)
+        model_cfg = ModelConfig.from_config(cfg.model)
         save_file(hf_tensors(model_cfg, params), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write(staging / "config.json", json.dumps(hf_config(model_cfg), indent=2))
+        (staging / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
         generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, tokenizer.special_ids["<|end|>"]],
                       "pad_token_id": PAD_ID}
-        atomic_write(staging / "generation_config.json", json.dumps(generation, indent=2))
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         shutil.copy(wd.tokenizer_dir / "tokenizer.model", staging / "tokenizer.model")
-        tokenizer_config = {
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "add_prefix_space": False, "legacy": False, "model_max_length": model_cfg.seq_len,
-            **{key: piece for key, (piece, _) in SPECIAL_PIECES.items()},
-        }
-        atomic_write(staging / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
-        atomic_write(staging / "special_tokens_map.json",
-                     json.dumps({key: piece for key, (piece, _) in SPECIAL_PIECES.items()}, indent=2))
-        atomic_write(staging / "lmjax_export.json", json.dumps({"workdir": str(wd.path.absolute()), "step": step}))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                            "add_prefix_space": False, "legacy": False, "model_max_length": model_cfg.seq_len,
+                            **SPECIAL_PIECES}
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (staging / "special_tokens_map.json").write_text(json.dumps(SPECIAL_PIECES, indent=2))
+        (staging / "lmjax_export.json").write_text(json.dumps({"workdir": str(wd.path.absolute()), "step": step}))
+    return Path(out)

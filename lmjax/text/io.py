@@ -1,14 +1,16 @@
-"""File chores shared by every stage: atomic writes, JSONL lines, and hashing a text into a split."""
+"""File chores shared by every stage: atomic writes (of files and of new directories), JSONL lines, and
+hashing a text into a split."""
 
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmjax.config import DataError
+from lmjax.config import ConfigError, DataError
 
 
 @contextlib.contextmanager
@@ -26,6 +28,26 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def new_directory(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary directory beside `path` to fill; renames it to `path` only if the block succeeds
+    (removes it otherwise), so `path` is absent or complete. ConfigError, before anything is written, if
+    `path` exists and is not empty: nothing already there is overwritten."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path} already exists and is not empty; choose a new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield staging
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
