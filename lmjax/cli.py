@@ -207,7 +207,9 @@ def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise ConfigError("export takes no --config overrides")
-    print(f"wrote {export_hf(args.workdir, args.out, args.step)}")
+    if args.max_shard_gb <= 0:
+        raise ConfigError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    print(f"wrote {export_hf(args.workdir, args.out, args.step, int(args.max_shard_gb * 2**30))}")
 
 
 def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -390,12 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="the run to export")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="weights above this go into several shards")
     p.set_defaults(func=cmd_export_hf)
 
     imports = sub.add_parser("import", help="read a model saved by another library").add_subparsers(
         dest="import_command", required=True)
-    p = imports.add_parser("hf", help="a Hugging Face GPT-2 / Llama directory as a new run directory")
-    p.add_argument("source", help="directory with config.json, model.safetensors and tokenizer.model")
+    p = imports.add_parser("hf", help="a Hugging Face GPT-2 / Llama / Mistral / Qwen2 model as a new run directory")
+    p.add_argument("source", help="directory with config.json, safetensors and tokenizer.json (or a hub model id, "
+                   "e.g. Qwen/Qwen2.5-0.5B-Instruct, where the hub is reachable)")
     p.add_argument("--workdir", required=True, help="run directory to write (must not exist or be empty)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter and compute dtype")
     p.set_defaults(func=cmd_import_hf)

@@ -62,6 +62,7 @@ def base_config() -> ConfigDict:
     m.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_context / this are kept
     m.rope_original_context = 8192  # llama3: the context the frequencies were pretrained for
     m.tie_embeddings = False  # share the input embedding with the output projection
+    m.qkv_bias = False  # llama family: biases on the query/key/value projections (Qwen2); gpt2 always has biases
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
 
     c.train = t = ConfigDict()

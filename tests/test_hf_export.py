@@ -121,4 +121,4 @@ def test_import_of_an_export_is_a_run_every_command_uses(trained_run, tmp_path, 
     assert main(["import", "hf", str(hf_dir), "--workdir", str(run)]) == 2  # never over an existing run
     (hf_dir / "tokenizer.model").unlink()
     assert main(["import", "hf", str(hf_dir), "--workdir", str(tmp_path / "x")]) == 2
-    assert "no tokenizer.model" in capsys.readouterr().err
+    assert "no tokenizer in" in capsys.readouterr().err

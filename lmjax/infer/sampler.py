@@ -159,7 +159,7 @@ class Sampler:
         step_keys = np.asarray(self._step_keys(jax.random.PRNGKey(seed)))
         settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
         token = self._sample(logits, step_keys[0], *settings)
-        stop_ids = {self.tokenizer.eos_id, self.tokenizer.special_ids.get("<|end|>", -1)}
+        stop_ids = set(self.tokenizer.stop_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]
         texts, done = [""] * batch, [False] * batch
         for step in range(max_new_tokens):

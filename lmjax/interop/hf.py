@@ -1,5 +1,5 @@
-"""Import Hugging Face GPT-2 and Llama checkpoints (config.json + safetensors) as lmjax config and params, and
-as a run directory (`lmjax import hf`).
+"""Import Hugging Face GPT-2, Llama, Mistral and Qwen2 checkpoints (config.json + safetensors) as lmjax config
+and params, and as a run directory with their tokenizer (`lmjax import hf`).
 
 Weight layouts differ between the libraries: GPT-2's Conv1D stores [in, out] and fuses q/k/v into one
 `c_attn`; Llama's Linear stores [out, in]. lmjax keeps heads as their own axis, e.g. the query
@@ -20,8 +20,10 @@ from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params, abstract_model
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
+from lmjax.text.chat_template import JINJA_TEMPLATE
+from lmjax.text.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
 from lmjax.text.io import new_directory
-from lmjax.text.tokenizer import Tokenizer
+from lmjax.text.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer
 
 # Buffers that some (older) checkpoints save next to the weights; they carry no learned values.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -79,6 +81,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
         "gpt2": (_gpt2_config, _gpt2_params, "transformer."),
         "llama": (_llama_config, _llama_params, "model."),
         "mistral": (_mistral_config, _llama_params, "model."),
+        "qwen2": (_qwen2_config, _llama_params, "model."),
     }
     if model_type not in builders:
         raise DataError(f"unsupported model_type {model_type!r} in {path / 'config.json'}; "
@@ -103,18 +106,19 @@ def import_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") -
     """Writes the Hugging Face directory `source` as a new run directory `workdir` (config, tokenizer, one
     params-only checkpoint at step 0) that sample, chat, demo, serve and `train --config.init_from` use.
 
-    The tokenizer must be a SentencePiece `tokenizer.model` with lmjax's chat markers as control pieces, as
-    `lmjax export hf` writes; Hugging Face `tokenizer.json` tokenizers are not supported yet (DataError)."""
-    source = Path(source)
+    The tokenizer is `load_hf_tokenizer`'s; when it has more tokens than the model (chat markers added to a model
+    without a chat template), the embedding (and an untied output layer) grows by rows set to the mean of the
+    existing ones, a start that makes the new tokens as likely as an average token rather than arbitrary."""
     with new_directory(workdir) as staging:
-        if not (source / "tokenizer.model").is_file():
-            raise DataError(f"{source} has no tokenizer.model: only SentencePiece tokenizers with lmjax's chat "
-                            "markers (as `lmjax export hf` writes) can be imported so far")
+        source = resolve_source(source)
         model_cfg, params = load_hf_checkpoint(source, dtype)
-        tokenizer = Tokenizer.load(source)
-        if tokenizer.vocab_size != model_cfg.vocab_size:
+        tokenizer = load_hf_tokenizer(source)
+        if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != model_cfg.vocab_size:
             raise DataError(f"{source}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size "
                             f"is {model_cfg.vocab_size}")
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            params = grow_vocab(model_cfg, params, tokenizer.vocab_size)
+            model_cfg.vocab_size = tokenizer.vocab_size
         cfg = base_config()
         cfg.model = model_cfg
         cfg.tokenizer.vocab_size = tokenizer.vocab_size
@@ -125,6 +129,63 @@ def import_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") -
         with Checkpointer(wd.checkpoint_dir) as ckpt:
             ckpt.save_params(0, params)
     return Path(workdir)
+
+
+def resolve_source(source: str | Path) -> Path:
+    """`source` if it is a directory; else a Hugging Face hub model id, downloaded (config, safetensors and
+    tokenizer files only) to the hub's cache."""
+    if Path(source).is_dir():
+        return Path(source)
+    if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+        raise DataError(f"Hugging Face checkpoint directory not found: {source}")
+    import huggingface_hub  # only for hub ids: installed with `tokenizers`
+
+    try:
+        return Path(huggingface_hub.snapshot_download(str(source), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
+    except Exception as e:
+        raise DataError(f"{source} is not a local directory and could not be downloaded from the Hugging Face hub: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def load_hf_tokenizer(source: str | Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer of the Hugging Face directory `source`: lmjax's SentencePiece `tokenizer.model` when it is
+    one (as `lmjax export hf` writes), else `tokenizer.json` with the model's chat template. A tokenizer without a
+    template gets lmjax's (`JINJA_TEMPLATE`), its markers added as special tokens."""
+    source = Path(source)
+    if (source / MODEL_FILE).is_file():
+        try:
+            return Tokenizer.load(source)
+        except DataError as e:
+            if not (source / TOKENIZER_FILE).is_file():
+                raise DataError(f"{source} has a tokenizer.model that lmjax cannot use ({e}) and no tokenizer.json; "
+                                "save the tokenizer with `transformers` (`AutoTokenizer.save_pretrained`) to get "
+                                "one") from None
+    if not (source / TOKENIZER_FILE).is_file():
+        raise DataError(f"no tokenizer in {source} (expected tokenizer.json, or lmjax's tokenizer.model)")
+    tokenizer = HFTokenizer.load(source, _read_config(source) if (source / "config.json").is_file() else {})
+    if tokenizer.chat_template is None:
+        tokenizer = tokenizer.with_chat_template(JINJA_TEMPLATE, SPECIAL_TOKENS)
+    return tokenizer
+
+
+def grow_vocab(cfg: ConfigDict, params: Params, vocab_size: int) -> Params:
+    """`params` of a model with `cfg.vocab_size` tokens extended to `vocab_size`: each new embedding row (and
+    untied output column) is the mean of the existing ones."""
+    old = cfg.vocab_size
+    grown = ConfigDict(cfg.to_dict())
+    grown.vocab_size = vocab_size
+
+    def extend(x: np.ndarray, axis: int) -> np.ndarray:
+        x = np.take(np.asarray(x), np.arange(old), axis=axis)
+        mean = x.astype(np.float32).mean(axis=axis, keepdims=True).astype(x.dtype)
+        return _pad_vocab(grown, np.concatenate([x, np.repeat(mean, vocab_size - old, axis=axis)], axis=axis), axis)
+
+    params = dict(params)
+    params["embed"] = extend(params["embed"], 0)
+    if "lm_head" in params:
+        params["lm_head"] = extend(params["lm_head"], 1)
+    return params
 
 
 def _read_config(path: Path) -> dict:
@@ -265,6 +326,15 @@ def _mistral_config(hf: dict) -> ConfigDict:
     return cfg
 
 
+def _qwen2_config(hf: dict) -> ConfigDict:
+    """Qwen2/2.5 is Llama's layout with biases on the query, key and value projections. Its sliding window
+    (off in the released models) is refused: lmjax has no windowed attention."""
+    _require(not hf.get("use_sliding_window", False), "qwen2 with use_sliding_window=True")
+    cfg = _llama_config({**hf, "attention_bias": False})
+    cfg.qkv_bias = True
+    return cfg
+
+
 def _gpt2_params(cfg: ConfigDict, t: _Tensors) -> Params:
     d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     blocks = {}
@@ -305,6 +375,9 @@ def _llama_params(cfg: ConfigDict, t: _Tensors) -> Params:
     blocks = {}
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
+        biases = {f"{name}_bias": t.take(p + f"self_attn.{hf_name}_proj.bias", (n * hd,)).reshape(n, hd)
+                  for name, hf_name, n in (("query", "q", h), ("key", "k", kv), ("value", "v", kv))} \
+            if cfg.qkv_bias else {}
         blocks[i] = {
             "attn_norm": {"scale": t.take(p + "input_layernorm.weight", (d,))},
             "attn": {
@@ -312,6 +385,7 @@ def _llama_params(cfg: ConfigDict, t: _Tensors) -> Params:
                 "key": t.take(p + "self_attn.k_proj.weight", (kv * hd, d)).T.reshape(d, kv, hd),
                 "value": t.take(p + "self_attn.v_proj.weight", (kv * hd, d)).T.reshape(d, kv, hd),
                 "out": t.take(p + "self_attn.o_proj.weight", (d, h * hd)).T.reshape(h, hd, d),
+                **biases,
             },
             "mlp_norm": {"scale": t.take(p + "post_attention_layernorm.weight", (d,))},
             "mlp": {

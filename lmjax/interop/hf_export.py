@@ -1,13 +1,14 @@
-"""Export an lmjax run as a Hugging Face checkpoint directory (GPT2LMHeadModel or LlamaForCausalLM).
+"""Export an lmjax run as a Hugging Face checkpoint directory (GPT2LMHeadModel, LlamaForCausalLM or, with
+query/key/value biases, Qwen2ForCausalLM).
 
 The inverse of lmjax/interop/hf.py: lmjax's per-head layouts go back to GPT-2's fused [in, out] Conv1D and
 Llama's [out, in] Linear weights, the vocabulary padding is cut off, and a tied embedding is saved once
-(`tie_word_embeddings`). The directory holds `config.json`, `model.safetensors`, `generation_config.json`
-and the run's SentencePiece tokenizer (`tokenizer.model` with a `LlamaTokenizer` `tokenizer_config.json`),
-so that `AutoModelForCausalLM.from_pretrained(DIR)` loads it without lmjax.
-
-Not yet (see the issue's note): sharded safetensors for large models, the chat template in
-`tokenizer_config.json`, Hugging Face tokenizers other than the run's SentencePiece model, LoRA adapters.
+(`tie_word_embeddings`). The directory holds `config.json`, the weights (`model.safetensors`, or shards with
+`model.safetensors.index.json` above `max_shard_bytes`), `generation_config.json` and the run's tokenizer with
+its chat template, so that `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
+load it without lmjax: a Hugging Face tokenizer as it was imported; lmjax's SentencePiece model as
+`tokenizer.model` with a `LlamaTokenizer` `tokenizer_config.json` (transformers builds the fast tokenizer from
+it) and lmjax's template in Jinja.
 """
 
 import json
@@ -24,16 +25,21 @@ from lmjax.model.config import ModelConfig
 from lmjax.model.params import Params
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
+from lmjax.text.chat_template import JINJA_TEMPLATE
+from lmjax.text.hf_tokenizer import HFTokenizer
 from lmjax.text.io import new_directory
-from lmjax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from lmjax.text.tokenizer import Tokenizer
+
+MAX_SHARD_BYTES = 5 * 2**30  # weights above this are split into shards (the size Hugging Face's hub favours)
 
 SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """config.json of the Hugging Face model with `cfg`'s shapes."""
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": BOS_ID,
-              "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "torch_dtype": "float32"}
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | HFTokenizer) -> dict:
+    """config.json of the Hugging Face model with `cfg`'s shapes and `tokenizer`'s bos/eos/pad ids."""
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+              "torch_dtype": "float32"}
     if cfg.family == "gpt2":
         if cfg.head_dim * cfg.num_heads != cfg.d_model:
             raise ConfigError("GPT-2 needs head_dim x num_heads == d_model to export")
@@ -46,12 +52,17 @@ def hf_config(cfg: ModelConfig) -> dict:
         rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_context)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
-            "rope_parameters": rope,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
-            "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **common}
+    llama = {"hidden_size": cfg.d_model, "rope_parameters": rope,
+             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+             "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+             "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+             "hidden_act": "silu", **common}
+    if cfg.qkv_bias:
+        if cfg.rope_scaling:
+            raise ConfigError("a model with qkv_bias (Qwen2) and llama3 RoPE scaling has no Hugging Face class")
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False, **llama}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+            "mlp_bias": False, **llama}
 
 
 def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
@@ -82,6 +93,8 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
             a, m, pre = block["attn"], block["mlp"], f"model.layers.{i}."
             for name, key in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
                 out[pre + f"self_attn.{name}.weight"] = a[key].reshape(d, -1).T
+                if cfg.qkv_bias:
+                    out[pre + f"self_attn.{name}.bias"] = a[f"{key}_bias"].reshape(-1)
             out[pre + "self_attn.o_proj.weight"] = a["out"].reshape(-1, d).T
             out[pre + "input_layernorm.weight"] = block["attn_norm"]["scale"]
             out[pre + "post_attention_layernorm.weight"] = block["mlp_norm"]["scale"]
@@ -94,7 +107,8 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(x) for name, x in out.items()}
 
 
-def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+def export_hf(workdir: str | Path, out: str | Path, step: int | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes checkpoint `step` (default latest) of the run `workdir` as a Hugging Face directory `out`
     (`new_directory`: complete or absent; a non-empty `out` is refused)."""
     with new_directory(out) as staging:
@@ -105,16 +119,42 @@ def export_hf(workdir: str | Path, out: str | Path, step: int | None = None) -> 
                               f"({saved.compress.source})")
         cfg, _, params, tokenizer, step = restore_model(wd, step)
         model_cfg = ModelConfig.from_config(cfg.model)
-        save_file(hf_tensors(model_cfg, params), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config(model_cfg), indent=2))
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, tokenizer.special_ids["<|end|>"]],
-                      "pad_token_id": PAD_ID}
+        save_weights(hf_tensors(model_cfg, params), staging, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(hf_config(model_cfg, tokenizer), indent=2))
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
+                      "pad_token_id": tokenizer.pad_id}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        shutil.copy(wd.tokenizer_dir / "tokenizer.model", staging / "tokenizer.model")
-        tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                            "add_prefix_space": False, "legacy": False, "model_max_length": model_cfg.seq_len,
-                            **SPECIAL_PIECES}
-        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        (staging / "special_tokens_map.json").write_text(json.dumps(SPECIAL_PIECES, indent=2))
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(staging)
+        else:
+            shutil.copy(wd.tokenizer_dir / "tokenizer.model", staging / "tokenizer.model")
+            tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                                "add_prefix_space": False, "legacy": False, "model_max_length": model_cfg.seq_len,
+                                "chat_template": JINJA_TEMPLATE, **SPECIAL_PIECES}
+            (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+            (staging / "special_tokens_map.json").write_text(json.dumps(SPECIAL_PIECES, indent=2))
         (staging / "lmjax_export.json").write_text(json.dumps({"workdir": str(wd.path.absolute()), "step": step}))
     return Path(out)
+
+
+def save_weights(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int) -> None:
+    """`model.safetensors`, or shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its own)
+    named as Hugging Face names them, with `model.safetensors.index.json` mapping each tensor to its shard."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    if len(shards) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

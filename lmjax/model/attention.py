@@ -66,15 +66,17 @@ class Attention(nnx.Module):
         self.key = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.value = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.out = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=out_std)
-        self.use_bias = cfg.family == "gpt2"
-        if self.use_bias:
+        self.use_bias = cfg.family == "gpt2"  # on all four projections
+        self.qkv_bias = self.use_bias or cfg.qkv_bias
+        if self.qkv_bias:
             self.query_bias = param(rngs, (h, hd), ("heads", "head_dim"), pdt, std=None)
             self.key_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pdt, std=None)
             self.value_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pdt, std=None)
+        if self.use_bias:
             self.out_bias = param(rngs, (d,), ("embed",), pdt, std=None)
 
     def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        biases = (self.query_bias, self.key_bias, self.value_bias) if self.use_bias else (None, None, None)
+        biases = (self.query_bias, self.key_bias, self.value_bias) if self.qkv_bias else (None, None, None)
         q = project(x, self.query, "btd,dhk->bthk", self.dtype, biases[0])
         k = project(x, self.key, "btd,dhk->bthk", self.dtype, biases[1])
         v = project(x, self.value, "btd,dhk->bthk", self.dtype, biases[2])

@@ -47,6 +47,7 @@ class ModelConfig:
     rope_high_freq_factor: float
     rope_original_context: int
     tie_embeddings: bool
+    qkv_bias: bool
     remat: str
 
     @classmethod

@@ -11,10 +11,10 @@ from lmjax.model.params import abstract_model
 from lmjax.model.quantized import for_matmul, quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
-from lmjax.text.tokenizer import Tokenizer
+from lmjax.text.tokenizer import Tokenizer, load_tokenizer
 
 SHAPE_KEYS = ("family", "vocab_size", "vocab_multiple", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "d_model", "d_ff", "tie_embeddings", "param_dtype")
+              "d_model", "d_ff", "tie_embeddings", "qkv_bias", "param_dtype")
 
 
 class Restored(NamedTuple):
@@ -51,7 +51,7 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
         print(f"running {wd.path.name} in {dtype} on {jax.default_backend()} (it trained in {cfg.model.dtype})",
               file=sys.stderr)
         cfg.model.dtype = dtype
-    tokenizer = Tokenizer.load(wd.tokenizer_dir)
+    tokenizer = load_tokenizer(wd.tokenizer_dir)
     graphdef, abstract_params, _ = abstract_model(cfg.model)
     q = cfg.compress
     if q.quant:

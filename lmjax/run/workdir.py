@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, LmjaxError, config_from_json
 from lmjax.text.io import atomic_write
+from lmjax.text.tokenizer import has_tokenizer
 
 
 class WorkdirError(LmjaxError, RuntimeError):
@@ -57,8 +58,9 @@ def open_workdir(path: str | Path) -> Workdir:
     if not wd.path.is_dir():
         raise WorkdirError(f"run directory {wd.path} does not exist")
     wd.load_config()
-    if not (wd.tokenizer_dir / "tokenizer.model").is_file():
-        raise WorkdirError(f"{wd.path} has no tokenizer (expected {wd.tokenizer_dir / 'tokenizer.model'})")
+    if not has_tokenizer(wd.tokenizer_dir):
+        raise WorkdirError(f"{wd.path} has no tokenizer (expected tokenizer.model or tokenizer.json in "
+                           f"{wd.tokenizer_dir})")
     if not wd.checkpoint_dir.is_dir() or not any(p.name.isdigit() for p in wd.checkpoint_dir.iterdir()):
         raise WorkdirError(f"{wd.path} has no checkpoint yet (train first: lmjax train --workdir {wd.path})")
     return wd

@@ -31,8 +31,7 @@ class ChatEngine:
         self.step = step
         self.workdir = workdir
         self.num_params = count_params(params)
-        end_ids = (tokenizer.eos_id, tokenizer.special_ids["<|end|>"])
-        self.engine = Engine(cfg.model, graphdef, params, num_slots, end_ids=end_ids)
+        self.engine = Engine(cfg.model, graphdef, params, num_slots, end_ids=tokenizer.stop_ids)
         self.context = self.engine.max_len
         q = cfg.compress
         # What `lmjax compress` did to these weights (None for a float run), for the model card and /v1/models.

@@ -17,6 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax.config import DataError
+from lmjax.text.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
 from lmjax.text.io import atomic_write
 
 MODEL_FILE = "tokenizer.model"
@@ -122,6 +123,13 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a reply: eos and `<|end|>`."""
+        return [self.eos_id, self._special_ids["<|end|>"]]
+
+    chat_template = None  # lmjax's own chat markers (lmjax/text/chat_template.py), not a Jinja template
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; `decode` gives back exactly `text`."""
         return self._join([self.sp.encode(part, out_type=int) for part in text.split(SPACE_MARK)])
@@ -168,6 +176,20 @@ class Tokenizer:
             elif not (self._hidden[i] or self.sp.is_unknown(i) or self.sp.is_unused(i)):
                 out[i] = len(self.sp.id_to_piece(i).replace(SPACE_MARK, " ").encode())
         return out
+
+
+def load_tokenizer(path: str | Path) -> "Tokenizer | HFTokenizer":
+    """The tokenizer saved in directory `path`: a Hugging Face `tokenizer.json` if there is one, else lmjax's
+    SentencePiece `tokenizer.model`."""
+    path = Path(path)
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file() and not (path / MODEL_FILE).is_file():
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether directory `path` holds a saved tokenizer of either kind."""
+    return (Path(path) / MODEL_FILE).is_file() or (Path(path) / TOKENIZER_FILE).is_file()
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, kind: str = "bpe") -> Tokenizer:

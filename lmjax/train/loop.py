@@ -31,7 +31,7 @@ from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import check_init_from, init_params_from
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
-from lmjax.text.tokenizer import Tokenizer, train_tokenizer
+from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
 from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses
 from lmjax.train.objectives import (
     BatchShardings,
@@ -64,7 +64,7 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
     if not wd.has_config():
         if cfg.init_from:
             if cfg.model.vocab_size == 0:  # the vocabulary of the tokenizer the run will use
-                cfg.model.vocab_size = (Tokenizer.load(cfg.tokenizer.path).vocab_size if cfg.tokenizer.path
+                cfg.model.vocab_size = (load_tokenizer(cfg.tokenizer.path).vocab_size if cfg.tokenizer.path
                                         else Workdir(cfg.init_from).load_config().model.vocab_size)
             cfg.init_from_step = check_init_from(cfg)
         return cfg
@@ -87,8 +87,8 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
 def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
     """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else the `init_from` run's,
     else the one of a prepared data.train directory, else one trained on data.train."""
-    if (wd.tokenizer_dir / "tokenizer.model").is_file():
-        return Tokenizer.load(wd.tokenizer_dir)
+    if has_tokenizer(wd.tokenizer_dir):
+        return load_tokenizer(wd.tokenizer_dir)
     wd.path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wd.path, prefix=".tokenizer-"))
     try:
@@ -96,7 +96,7 @@ def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
         source = (cfg.tokenizer.path or (str(Workdir(cfg.init_from).tokenizer_dir) if cfg.init_from else "")
                   or (str(prepared) if prepared else ""))
         if source:
-            Tokenizer.load(source).save(tmp)
+            load_tokenizer(source).save(tmp)
             log(f"using the tokenizer of {source}")
         else:
             start = time.time()
@@ -106,7 +106,7 @@ def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
         tmp.rename(wd.tokenizer_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Tokenizer.load(wd.tokenizer_dir)
+    return load_tokenizer(wd.tokenizer_dir)
 
 
 def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:

@@ -39,7 +39,7 @@ class _NoTextTokenizer:
 
     bos_id = 0
     eos_id = -1
-    special_ids: dict[str, int] = {}
+    stop_ids: list[int] = []
 
     def encode(self, text: str) -> list[int]:
         return []
