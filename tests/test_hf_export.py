@@ -27,12 +27,13 @@ from lmjax.text.tokenizer import Tokenizer  # noqa: E402
 TOKENS = np.random.default_rng(0).integers(4, 500, size=(2, 20))
 
 
-def random_run(path, tokenizer: Tokenizer, family: str, tied: bool, rope_scaling: str = ""):
+def random_run(path, tokenizer: Tokenizer, family: str, tied: bool, rope_scaling: str = "", qkv_bias: bool = False):
     """A run directory of a tiny model with random (perturbed) weights: biases and norm scales not 0/1."""
     cfg = base_config()
     cfg.model.update(family=family, vocab_size=tokenizer.vocab_size, num_layers=2, num_heads=4,
                      num_kv_heads=2 if family == "llama" else 0, d_model=64, d_ff=128, seq_len=32,
-                     dtype="float32", tie_embeddings=tied, rope_scaling=rope_scaling, rope_original_context=16)
+                     dtype="float32", tie_embeddings=tied, rope_scaling=rope_scaling, rope_original_context=16,
+                     qkv_bias=qkv_bias)
     params = init_params(cfg.model, jax.random.PRNGKey(1))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
@@ -55,12 +56,17 @@ def lmjax_logits(run) -> np.ndarray:
     return np.asarray(logits[..., :cfg.model.vocab_size])
 
 
-@pytest.mark.parametrize("family,tied,rope_scaling", [("llama", False, ""), ("llama", True, ""), ("gpt2", True, ""),
-                                                      ("llama", False, "llama3")])
-def test_transformers_loads_an_export_with_the_same_logits(tmp_path, shared_tokenizer, family, tied, rope_scaling):
-    run = random_run(tmp_path / "run", shared_tokenizer, family, tied, rope_scaling)
-    out = export_hf(run, tmp_path / "hf")
-    assert json.loads((out / "config.json").read_text())["model_type"] == family
+@pytest.mark.parametrize("family,tied,rope_scaling,qkv_bias", [
+    ("llama", False, "", False), ("llama", True, "", False), ("gpt2", True, "", False), ("llama", False, "llama3", False),
+    ("llama", True, "", True)])
+def test_transformers_loads_an_export_with_the_same_logits(tmp_path, shared_tokenizer, family, tied, rope_scaling,
+                                                           qkv_bias):
+    run = random_run(tmp_path / "run", shared_tokenizer, family, tied, rope_scaling, qkv_bias)
+    sharded = family == "llama" and not tied and not rope_scaling  # small shards: an index and several files
+    out = export_hf(run, tmp_path / "hf", max_shard_bytes=100_000 if sharded else 2**30)
+    assert json.loads((out / "config.json").read_text())["model_type"] == ("qwen2" if qkv_bias else family)
+    assert (out / "model.safetensors.index.json").is_file() == sharded
+    assert (len(list(out.glob("model-*-of-*.safetensors"))) > 1) == sharded
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         theirs = model(torch.from_numpy(TOKENS)).logits.numpy()

@@ -53,8 +53,16 @@ def _mistral() -> torch.nn.Module:
     return transformers.MistralForCausalLM(cfg)
 
 
+def _qwen2() -> torch.nn.Module:
+    """Qwen2.5-0.5B's layout: tied embeddings, grouped-query attention, biases on q/k/v only."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                   tie_word_embeddings=True, rope_theta=1e6, bos_token_id=0, eos_token_id=0)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
 BUILDERS = {"gpt2": _gpt2, "llama": lambda: _llama(False), "llama_tied": lambda: _llama(True), "mistral": _mistral,
-            "llama3_rope": _llama3}
+            "llama3_rope": _llama3, "qwen2": _qwen2}
 
 
 def _save(name: str, directory: Path, **save_kwargs) -> torch.nn.Module:
@@ -95,9 +103,10 @@ def _lmjax_logits(cfg, params) -> np.ndarray:
 def test_logits_match_transformers(checkpoints, name):
     directory, expected = checkpoints[name]
     cfg, params = load_hf_checkpoint(directory)
-    assert cfg.family == {"mistral": "llama"}.get(name, name.split("_")[0].rstrip("3"))
+    assert cfg.family == {"mistral": "llama", "qwen2": "llama"}.get(name, name.split("_")[0].rstrip("3"))
     assert cfg.rope_scaling == ("llama3" if name == "llama3_rope" else "")
-    assert cfg.tie_embeddings == (name in ("gpt2", "llama_tied"))
+    assert cfg.tie_embeddings == (name in ("gpt2", "llama_tied", "qwen2"))
+    assert cfg.qkv_bias == (name == "qwen2")
     assert ("lm_head" in params) == (not cfg.tie_embeddings)
     got = _lmjax_logits(cfg, params)
     assert got.shape == (*expected.shape[:-1], 256)
@@ -197,6 +206,7 @@ def test_bad_directories(checkpoints, tmp_path):
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("gpt2", {"activation_function": "relu"}, "activation_function 'relu'"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
     ("gpt2", {"n_head": 0}, "n_head"),
 ])
 def test_unsupported_configs(checkpoints, tmp_path, name, change, message):
