@@ -38,6 +38,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.init_from = ""  # run directory whose parameters and tokenizer start this run (fine-tuning; DPO's reference)
     c.init_from_step = -1  # checkpoint step of init_from to start from; -1 = its latest (recorded at the first start)
+    c.init_model = False  # take model.* from init_from, all but seq_len (llama), dtype, cache_dtype, dropout, remat
 
     c.model = m = ConfigDict()
     m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
@@ -243,6 +244,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         if extra and group not in ("mesh",):
             raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")
     m, t = cfg.model, cfg.train
+    _check(not cfg.init_model or cfg.init_from, "init_model takes the model from init_from, which is not set")
     _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
     for key in ("dtype", "param_dtype"):
         _check(m[key] in DTYPES, f"model.{key} must be one of {DTYPES}, got {m[key]!r}")

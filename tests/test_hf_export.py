@@ -57,8 +57,8 @@ def lmjax_logits(run) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family,tied,rope_scaling,qkv_bias", [
-    ("llama", False, "", False), ("llama", True, "", False), ("gpt2", True, "", False), ("llama", False, "llama3", False),
-    ("llama", True, "", True)])
+    ("llama", False, "", False), ("llama", True, "", False), ("gpt2", True, "", False),
+    ("llama", False, "llama3", False), ("llama", True, "", True)])
 def test_transformers_loads_an_export_with_the_same_logits(tmp_path, shared_tokenizer, family, tied, rope_scaling,
                                                            qkv_bias):
     run = random_run(tmp_path / "run", shared_tokenizer, family, tied, rope_scaling, qkv_bias)

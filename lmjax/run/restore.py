@@ -15,6 +15,9 @@ from lmjax.text.tokenizer import Tokenizer, load_tokenizer
 
 SHAPE_KEYS = ("family", "vocab_size", "vocab_multiple", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "d_model", "d_ff", "tie_embeddings", "qkv_bias", "param_dtype")
+# What a model computes beyond its shapes; with SHAPE_KEYS, what `init_model` takes from the init_from run.
+ARCH_KEYS = ("norm_eps", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+             "rope_original_context")
 
 
 class Restored(NamedTuple):
@@ -69,6 +72,16 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
     if q.quant:
         params = for_matmul(params, matmul)
     return Restored(cfg, graphdef, params, tokenizer, step)
+
+
+def architecture_of(cfg: ConfigDict) -> ConfigDict:
+    """`cfg.model` with the architecture (SHAPE_KEYS, ARCH_KEYS; for GPT-2 also seq_len, its position table's
+    length) of the `init_from` run: fine-tuning an imported model without restating its shapes."""
+    source = Workdir(cfg.init_from).load_config().model
+    model = ConfigDict(cfg.model.to_dict())
+    for key in (*SHAPE_KEYS, *ARCH_KEYS, *(("seq_len",) if source.family == "gpt2" else ())):
+        model[key] = source[key]
+    return model
 
 
 def check_init_from(cfg: ConfigDict) -> int:

@@ -28,7 +28,7 @@ from lmjax.parallel import distributed
 from lmjax.parallel.mesh import batch_shards, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.run.checkpoint import Checkpointer
-from lmjax.run.restore import check_init_from, init_params_from
+from lmjax.run.restore import architecture_of, check_init_from, init_params_from
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
 from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
@@ -63,6 +63,8 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
     cfg = ConfigDict(cfg.to_dict())
     if not wd.has_config():
         if cfg.init_from:
+            if cfg.init_model:
+                cfg.model = architecture_of(cfg)
             if cfg.model.vocab_size == 0:  # the vocabulary of the tokenizer the run will use
                 cfg.model.vocab_size = (load_tokenizer(cfg.tokenizer.path).vocab_size if cfg.tokenizer.path
                                         else Workdir(cfg.init_from).load_config().model.vocab_size)
