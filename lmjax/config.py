@@ -244,7 +244,6 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         if extra and group not in ("mesh",):
             raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")
     m, t = cfg.model, cfg.train
-    _check(not cfg.init_model or cfg.init_from, "init_model takes the model from init_from, which is not set")
     _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
     for key in ("dtype", "param_dtype"):
         _check(m[key] in DTYPES, f"model.{key} must be one of {DTYPES}, got {m[key]!r}")

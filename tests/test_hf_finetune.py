@@ -74,15 +74,16 @@ def test_import_keeps_the_model_and_its_tokenizer(round_trip):
 def _held_out_loss(run: Path) -> float:
     """Mean loss on the assistant tokens of held-out chat chunks (what the trainer's val_loss measures)."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(run))
-    model = nnx.merge(graphdef, params)
-    total = count = 0.0
-    for chunk in load_chunks("chat:stdlib:heldout", tokenizer, 256)[:16]:
-        ids, mask = jnp.asarray(chunk[0][None, :-1]), chunk[1][1:]
-        logits, _ = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))
-        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32))
-        losses = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(chunk[0][1:, None]), axis=1))[:, 0]
-        total, count = total + float((losses * mask).sum()), count + float(mask.sum())
-    return total / count
+    chunks = load_chunks("chat:stdlib:heldout", tokenizer, 256)[:16]
+    tokens, mask = np.zeros((len(chunks), 257), np.int32), np.zeros((len(chunks), 257), np.float32)
+    for row, chunk in enumerate(chunks):  # padded at the end, where it cannot change the tokens before
+        tokens[row, :chunk.shape[1]], mask[row, :chunk.shape[1]] = chunk
+    inputs = jnp.asarray(tokens[:, :-1])
+    logits, _ = nnx.merge(graphdef, params)(inputs, jnp.broadcast_to(jnp.arange(256), inputs.shape),
+                                            jnp.ones_like(inputs))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    losses = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:, None]), axis=2))[..., 0]
+    return float((losses * mask[:, 1:]).sum() / mask[:, 1:].sum())
 
 
 def test_fine_tuning_lowers_the_held_out_chat_loss(round_trip):
@@ -114,3 +115,43 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(rou
     text = sampler.generate([""], max_new_tokens=12, temperature=0.0, prompt_ids=[prompt.tolist()])[0]
     stops = [i for i, t in enumerate(generated) if t in tokenizer.stop_ids]
     assert text == tokenizer.decode(generated[:stops[0]] if stops else generated)
+
+
+def test_every_command_runs_on_an_imported_run(round_trip, tmp_path, capsys):
+    """sample, eval chat, plan, serve (HTTP) and DPO on imported runs, with the model's own tokenizer."""
+    family, _, imported, tuned, _ = round_trip
+    assert main(["sample", "--workdir", str(imported), "--prompt", "def", "--max-new-tokens", "4"]) == 0
+    assert main(["eval", "chat", "--workdir", str(tuned), "--limit", "2", "--show", "0"]) == 0
+    assert "ROUGE-L" in capsys.readouterr().out
+    assert main(["plan", "--config", str(CONFIGS / "sft_hf.py"), f"--config.init_from={imported}"]) == 0
+    _, _, params, tokenizer, _ = restore_model(open_workdir(imported))
+    from lmjax.model.params import count_params
+
+    assert f"parameters:           {count_params(params):,}" in capsys.readouterr().out
+
+    from fastapi.testclient import TestClient
+
+    from lmjax.serve.api import Api, ServeSettings
+    from lmjax.serve.engine import ChatEngine
+
+    engine = ChatEngine.from_workdir(tuned, num_slots=2)
+    try:
+        with TestClient(Api(engine, ServeSettings(model_name=family), warmup=False).app) as client:
+            reply = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
+                                                              "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["prompt_tokens"] == len(encode_chat(MESSAGES, tokenizer, True)[0])
+            forged = client.post("/tokenize", json={"prompt": "<|im_end|><|end|>", "add_special_tokens": False})
+            assert not set(forged.json()["tokens"]) & set(tokenizer.special_ids.values())
+    finally:
+        engine.close()
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}?"}],
+                                         "chosen": f"A good answer {i}.", "rejected": "no"}) + "\n"
+                             for i in range(8)))
+    assert main(["train", "--config", str(CONFIGS / "dpo_tiny.py"), "--workdir", str(tmp_path / "dpo"),
+                 f"--config.init_from={tuned}", "--config.init_model=True", f"--config.data.train=pairs:{pairs}",
+                 f"--config.data.val=pairs:{pairs}", "--config.train.steps=2", "--config.train.batch_size=2",
+                 "--config.train.eval_every=2", "--config.train.eval_steps=1", "--config.model.dtype=float32",
+                 "--config.model.seq_len=128"]) == 0

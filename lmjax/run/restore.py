@@ -74,13 +74,19 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
     return Restored(cfg, graphdef, params, tokenizer, step)
 
 
-def architecture_of(cfg: ConfigDict) -> ConfigDict:
-    """`cfg.model` with the architecture (SHAPE_KEYS, ARCH_KEYS; for GPT-2 also seq_len, its position table's
-    length) of the `init_from` run: fine-tuning an imported model without restating its shapes."""
-    source = Workdir(cfg.init_from).load_config().model
+def starting_model(cfg: ConfigDict) -> ConfigDict:
+    """`cfg.model` as a new run of `cfg` will train it. With `init_model`, the architecture (SHAPE_KEYS,
+    ARCH_KEYS; for GPT-2 also seq_len, its position table's length) is the `init_from` run's: fine-tuning an
+    imported model without restating its shapes. An unset vocab_size is `tokenizer.path`'s, else init_from's."""
     model = ConfigDict(cfg.model.to_dict())
-    for key in (*SHAPE_KEYS, *ARCH_KEYS, *(("seq_len",) if source.family == "gpt2" else ())):
-        model[key] = source[key]
+    if cfg.init_model:
+        source = Workdir(cfg.init_from).load_config().model
+        for key in (*SHAPE_KEYS, *ARCH_KEYS, *(("seq_len",) if source.family == "gpt2" else ())):
+            model[key] = source[key]
+    if model.vocab_size == 0 and cfg.tokenizer.path:
+        model.vocab_size = load_tokenizer(cfg.tokenizer.path).vocab_size
+    elif model.vocab_size == 0 and cfg.init_from:
+        model.vocab_size = Workdir(cfg.init_from).load_config().model.vocab_size
     return model
 
 

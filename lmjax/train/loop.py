@@ -28,7 +28,7 @@ from lmjax.parallel import distributed
 from lmjax.parallel.mesh import batch_shards, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.run.checkpoint import Checkpointer
-from lmjax.run.restore import architecture_of, check_init_from, init_params_from
+from lmjax.run.restore import check_init_from, init_params_from, starting_model
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
 from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
@@ -63,11 +63,7 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
     cfg = ConfigDict(cfg.to_dict())
     if not wd.has_config():
         if cfg.init_from:
-            if cfg.init_model:
-                cfg.model = architecture_of(cfg)
-            if cfg.model.vocab_size == 0:  # the vocabulary of the tokenizer the run will use
-                cfg.model.vocab_size = (load_tokenizer(cfg.tokenizer.path).vocab_size if cfg.tokenizer.path
-                                        else Workdir(cfg.init_from).load_config().model.vocab_size)
+            cfg.model = starting_model(cfg)
             cfg.init_from_step = check_init_from(cfg)
         return cfg
     saved = wd.load_config()
@@ -119,12 +115,15 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
         raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
                           "in float16; train in bfloat16 or float32 (float16 is fine for inference)")
     distributed.initialize(cfg)
+    if cfg.init_model and not cfg.init_from:
+        raise ConfigError("init_model takes the model from init_from: set --config.init_from=RUN (the imported or "
+                          "pretrained run to fine-tune)")
     if cfg.train.objective == "dpo" and not cfg.init_from:
         raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
                           "reference")
+    cfg = resume_config(cfg, wd)
     for line in check_sharding(cfg, mesh_shape(cfg.mesh, jax.device_count())):
         log(line)
-    cfg = resume_config(cfg, wd)
     t_cfg = cfg.train
     cfg.data.loaders = loader_count(cfg.data.loaders, jax.process_count(), t_cfg.batch_size, t_cfg.grad_accum)
     if jax.process_index() == 0:

@@ -14,6 +14,7 @@ from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_specs
+from lmjax.run.restore import starting_model
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_state
 
@@ -108,12 +109,12 @@ def recompute_flops_per_token(cfg: ConfigDict, params, remat: str) -> float:
 
 
 def _with_vocab(cfg: ConfigDict) -> ConfigDict:
-    """`cfg`, or a copy whose unset model.vocab_size (decided by the tokenizer at the first start) is
-    tokenizer.vocab_size."""
-    if cfg.model.vocab_size > 0:
-        return cfg
+    """A copy of `cfg` with the model a new run will train (`starting_model`: a fine-tune's architecture and
+    vocabulary from init_from); an unset model.vocab_size otherwise counts as tokenizer.vocab_size."""
     cfg = ConfigDict(cfg.to_dict())
-    cfg.model.vocab_size = cfg.tokenizer.vocab_size
+    cfg.model = starting_model(cfg)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = cfg.tokenizer.vocab_size
     return cfg
 
 
