@@ -113,3 +113,25 @@ def test_ids_from_generation_config_and_errors(dirs, tmp_path):
     (broken / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(DataError, match="does not hold a JSON object"):
         HFTokenizer.load(broken)
+
+
+def test_sentencepiece_converted_tokenizer_json(shared_tokenizer, tmp_path):
+    """Llama 2's kind: a SentencePiece model converted to tokenizer.json by transformers (Metaspace, byte
+    fallback) gives the SentencePiece ids and exact round trips; only a literal U+2581 decodes to a space, as
+    in transformers itself (lmjax's own SentencePiece wrapper spells it in bytes)."""
+    slow = tmp_path / "slow"
+    shared_tokenizer.save(slow)
+    (slow / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_prefix_space": False, "legacy": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    transformers.AutoTokenizer.from_pretrained(slow).save_pretrained(tmp_path / "converted")
+    (tmp_path / "converted" / "tokenizer.model").unlink(missing_ok=True)
+    ours = load_tokenizer(tmp_path / "converted")
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == shared_tokenizer.vocab_size
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (shared_tokenizer.bos_id, shared_tokenizer.eos_id,
+                                                      shared_tokenizer.pad_id)
+    for text in TEXTS:
+        assert ours.encode(text) == shared_tokenizer.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.decode(ours.encode("a\u2581b")) == "a b"
+    assert sum(ours.token_bytes()[ours.encode(TEXTS[3])]) == len(TEXTS[3].encode())
