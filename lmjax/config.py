@@ -98,7 +98,7 @@ def base_config() -> ConfigDict:
     c.tokenizer = k = ConfigDict()
     k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
     k.vocab_size = 4096  # vocabulary size when training a tokenizer
-    k.path = ""  # directory of an existing tokenizer.model; "" = train one on data.train
+    k.path = ""  # directory of an existing tokenizer (tokenizer.model or tokenizer.json); "" = train one on data.train
 
     c.mesh = s = ConfigDict()
     s.data = -1  # data-parallel axis size; -1 = all devices left over

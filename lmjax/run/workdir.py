@@ -1,7 +1,7 @@
 """What a run directory holds, and opening one with clear errors.
 
     config.json         the full config of the run (sampling needs only --workdir)
-    tokenizer/          tokenizer.model
+    tokenizer/          tokenizer.model (SentencePiece) or tokenizer.json + tokenizer_config.json (Hugging Face)
     checkpoints/        Orbax checkpoints (params, optimizer state, data iterator position)
     metrics.jsonl       one JSON object per logged step
     tb/                 TensorBoard event files
