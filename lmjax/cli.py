@@ -261,6 +261,25 @@ def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
     write_chat_dataset(args.out, args.package or None)
 
 
+def cmd_eval_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+
+    from lmjax.eval.tasks import evaluate_tasks
+    from lmjax.text.io import atomic_write
+
+    names = [n for n in args.tasks.split(",") if n]
+    results = evaluate_tasks(args.workdir, names, args.tasks_dir, args.limit, args.step)
+    print(f"{'task':<24} {'acc':>6} {'acc_norm':>8} {'chance':>6} {'centered':>8} {'n':>5}")
+    for name, r in results.items():
+        if name != "mean":
+            acc = r.get("acc", r.get("exact_match"))
+            print(f"{name:<24} {acc:6.3f} {r.get('acc_norm', acc):8.3f} {r['chance']:6.3f} {r['centered']:8.3f} "
+                  f"{r['questions']:5d}")
+    print(f"{'mean centered':<24} {'':>6} {'':>8} {'':>6} {results['mean']['centered']:8.3f}")
+    if args.json:
+        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+
+
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
 
@@ -437,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=3, help="examples to print")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_eval_chat)
+    p = evaluation.add_parser("tasks", help="few-shot multiple-choice and generation tasks, centered on chance")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--tasks", default="stdlib_module_mc,stdlib_docstring_mc,stdlib_chat_qa",
+                   help="comma-separated task names (built-in: lmjax/eval/tasks/; more with --tasks-dir)")
+    p.add_argument("--tasks-dir", default=None, help="a directory of task YAML + JSONL files")
+    p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_tasks)
 
     feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo and the API").add_subparsers(
         dest="feedback_command", required=True)
