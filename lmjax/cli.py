@@ -280,6 +280,22 @@ def cmd_eval_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
         atomic_write(args.json, json.dumps(results, indent=2) + "\n")
 
 
+def cmd_eval_bias(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+
+    from lmjax.eval.bias import evaluate_bias
+    from lmjax.text.io import atomic_write
+
+    results = evaluate_bias(args.workdir, args.step)
+    print(f"{'probe':<26} {'stereotype share':>16} {'95% interval':>15} {'p (no pref.)':>12} {'pairs':>6}")
+    for name, r in results.items():
+        print(f"{name:<26} {r['stereotype_share']:16.3f}   [{r['low']:.2f}, {r['high']:.2f}] {r['p_value']:12.3g} "
+              f"{r['pairs']:6d}")
+    print("0.5 = no preference between the stereotypical and the other side of each pair")
+    if args.json:
+        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+
+
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
 
@@ -465,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_tasks)
+    p = evaluation.add_parser("bias", help="stereotype preference on occupation, CrowS-style and BBQ-style probes")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_bias)
 
     feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo and the API").add_subparsers(
         dest="feedback_command", required=True)

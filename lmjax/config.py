@@ -93,6 +93,7 @@ def base_config() -> ConfigDict:
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
     d.val = "stdlib:val"  # held-out source spec (DPO: pairs; "" = every 10th pair of data.train)
+    d.cda = False  # counterfactual augmentation: texts with gendered words also train swapped (lmjax/corpus/cda.py)
     d.loaders = 0  # independent data shards (a multiple of the process count; fixes the data order); 0 = 1/process
 
     c.tokenizer = k = ConfigDict()

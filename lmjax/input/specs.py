@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lmjax.config import DataError
+from lmjax.corpus.cda import counterfactual
 from lmjax.corpus.shards import parse_prepared
 from lmjax.corpus.sources import read_documents
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
@@ -56,14 +57,22 @@ def read_chat(source: str) -> list[list[Message]]:
     return [c for path in files for c in read_conversations(path)]
 
 
-def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
-    """Training chunks of a documents or chat spec (chat: assistant-only loss)."""
+def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False) -> list[np.ndarray]:
+    """Training chunks of a documents or chat spec (chat: assistant-only loss). With `cda`, each document or
+    conversation that has gendered words comes again with them swapped (counterfactual data augmentation)."""
     kind, source = parse_spec(spec)
     if kind == "pairs":
         raise DataError(f"data spec {spec!r} holds preference pairs, which only train.objective=dpo reads")
     if kind == "chat":
-        return tokenize_conversations(read_chat(source), tokenizer, seq_len)
-    return tokenize_documents(read_documents(source), tokenizer, seq_len)
+        conversations = read_chat(source)
+        if cda:
+            swapped = ([{**m, "content": counterfactual(m["content"])} for m in c] for c in conversations)
+            conversations += [s for s, c in zip(swapped, conversations, strict=True) if s != c]
+        return tokenize_conversations(conversations, tokenizer, seq_len)
+    documents = read_documents(source)
+    if cda:
+        documents = (text for doc in documents for text in dict.fromkeys([doc, counterfactual(doc)]))
+    return tokenize_documents(documents, tokenizer, seq_len)
 
 
 def load_pairs(spec: str) -> list[Pair]:

@@ -62,7 +62,7 @@ def lm_objective(ctx: RunContext) -> Objective:
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
     start = time.time()
-    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len)
+    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len, cda=cfg.data.cda)
     val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
     n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
     log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
