@@ -70,3 +70,14 @@ def test_cli_prints_and_writes_the_report(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "occupations" in printed and "0.5 = no preference" in printed
     assert json.loads(out.read_text())["occupations"]["pairs"] == len(OCCUPATIONS)
+
+
+def test_cooccurrence_counts_gendered_sentences():
+    from lmjax.corpus.demographics import cooccurrence, render_cooccurrence
+
+    summary = cooccurrence(["The nurse said she was tired. The nurse and her son left!\nThe engineer said he "
+                            "was smart.", "Nothing gendered about the pilot here."])
+    assert summary["sentences"] == 4 and summary["female_sentences"] == 2 and summary["male_sentences"] == 2
+    assert summary["occupations"] == {"engineer": {"female": 0, "male": 1}, "nurse": {"female": 2, "male": 1}}
+    assert summary["attributes"] == {"smart": {"female": 0, "male": 1}}
+    assert "| nurse (occupation) | 2 | 1 | 67% |" in render_cooccurrence(summary)

@@ -77,6 +77,7 @@ def test_card_accounts_for_every_document(prepared):
     assert card["input_skipped"]["broken_json"]["examples"][0]["id"].endswith("a.jsonl:46")
     assert card["tokens_out"]["train"] > 0 and card["documents_out"]["val"] >= 1
     assert (out / "card.md").read_text().startswith("# Data card") and (out / "doc_lengths.png").stat().st_size
+    assert card["demographics"]["sentences"] > 0 and "## Gendered words" in (out / "card.md").read_text()
     assert json.loads((out / "card.json").read_text()) == card
 
 

@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from lmjax.config import ConfigError, DataError
 from lmjax.corpus.clean import clean_config, normalize, quality_issue
 from lmjax.corpus.dedup import Decontaminator, ExactDedup, NearDedup, dedup_config
+from lmjax.corpus.demographics import cooccurrence, render_cooccurrence
 from lmjax.corpus.pii import scrub_pii
 from lmjax.corpus.shards import SPLITS, iter_split, shard_paths, write_shard
 from lmjax.corpus.sources import iter_records
@@ -280,6 +281,7 @@ def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
         "tokens_out": tokens,
         "tokenizer": {"kind": cfg.tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "shards": {split: len(shard_paths(out, split)) for split in SPLITS},
+        "demographics": cooccurrence(iter_split(out, "train")),
         "seconds": round(progress.seconds, 1),
     }
     _plot_lengths(progress.lengths, out / "doc_lengths.png")
@@ -331,5 +333,5 @@ def render_card(card: dict) -> str:
                                 e["text"][:120].replace("\n", " ").replace("|", "\\|"))
             for e in entry["examples"])
         lines.append(f"| {reason} | {entry['count']:,} | {examples} |")
-    lines += ["", "![document lengths](doc_lengths.png)", ""]
+    lines += ["", *render_cooccurrence(card["demographics"]), "", "![document lengths](doc_lengths.png)", ""]
     return "\n".join(lines)
