@@ -296,6 +296,22 @@ def cmd_eval_bias(args: argparse.Namespace, overrides: list[str]) -> None:
         atomic_write(args.json, json.dumps(results, indent=2) + "\n")
 
 
+def cmd_eval_redteam(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+
+    from lmjax.eval.redteam import evaluate_redteam
+    from lmjax.text.io import atomic_write
+
+    results = evaluate_redteam(args.workdir, args.step, output_filter=not args.no_output_filter)
+    print(f"{'category':<22} {'prompts':>7} {'blocked in':>10} {'blocked out':>11} {'harmful through':>15}")
+    for name, r in results.items():
+        print(f"{name:<22} {r['prompts']:7d} {r['blocked_input']:10.0%} {r['blocked_output']:11.0%} "
+              f"{r['harmful_through']:15.0%}")
+    print(f"benign prompts blocked (false positives): {results['benign']['false_positives']:.0%}")
+    if args.json:
+        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+
+
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
 
@@ -486,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_bias)
+    p = evaluation.add_parser("redteam", help="adversarial prompts through the model and the content filter")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--no-output-filter", action="store_true", help="measure the model alone on its replies")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_redteam)
 
     feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo and the API").add_subparsers(
         dest="feedback_command", required=True)
