@@ -263,12 +263,13 @@ def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
+    from lmjax.eval.metrics import format_metrics
 
-    metrics, examples = evaluate_workdir(args.workdir, args.source, args.limit, args.step)
+    result, examples = evaluate_workdir(args.workdir, args.source, args.limit, args.step)
     for question, reply, reference in examples[: args.show]:
         print(f"Q: {question}\nA: {reply}\nreference: {reference}\n")
-    print(f"{args.workdir}: ROUGE-L {metrics['rouge_l']:.3f}, exact match {metrics['exact_match']:.3f} "
-          f"on {metrics['questions']} questions of chat:{args.source}")
+    print(f"{args.workdir}: greedy replies to {result['questions']} questions of chat:{args.source}")
+    print(format_metrics(result["metrics"]))
 
 
 def cmd_feedback_export(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat_data)
 
     evaluation = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
-    p = evaluation.add_parser("chat", help="ROUGE-L and exact match of greedy replies on held-out questions")
+    p = evaluation.add_parser("chat", help="BLEU, chrF, ROUGE, METEOR and exact match (with bootstrap intervals) "
+                              "of greedy replies on held-out questions")
     p.add_argument("--workdir", required=True, help="run directory")
     p.add_argument("--source", default="stdlib:heldout", help="chat source (stdlib:heldout or a JSONL glob)")
     p.add_argument("--limit", type=int, default=128, help="questions to ask")
