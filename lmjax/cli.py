@@ -8,6 +8,8 @@
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
     lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
+    lmjax eval lm --workdir runs/x --source stdlib:val [--stride S --max-docs N --batch B --json out.json]
+    lmjax eval chat --workdir runs/x [--source stdlib:heldout --limit 128]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -261,6 +263,20 @@ def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
     write_chat_dataset(args.out, args.package or None)
 
 
+def cmd_eval_lm(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+
+    from lmjax.eval.lm import evaluate_source, format_lm
+    from lmjax.text.io import atomic_write
+
+    if overrides:
+        raise ConfigError("eval lm takes no --config overrides (the run's config is used)")
+    result = evaluate_source(args.workdir, args.source, args.step, args.stride, args.max_docs, args.batch)
+    print(format_lm(result))
+    if args.json:
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
+
+
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
     from lmjax.eval.metrics import format_metrics
@@ -431,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat_data)
 
     evaluation = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    p = evaluation.add_parser("lm", help="loss, perplexity and bits per byte of documents scored whole "
+                              "(sliding window), beside the unigram baseline")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--source", required=True, help="data spec: stdlib:val, a prepared directory[:val], "
+                   "jsonl:GLOB, ... or chat:SOURCE (assistant tokens only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: half the "
+                   "context; the context length gives non-overlapping chunks)")
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--batch", type=int, default=8, help="rows of context length per jitted step")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval_lm)
     p = evaluation.add_parser("chat", help="BLEU, chrF, ROUGE, METEOR and exact match (with bootstrap intervals) "
                               "of greedy replies on held-out questions")
     p.add_argument("--workdir", required=True, help="run directory")
