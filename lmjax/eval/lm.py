@@ -82,7 +82,9 @@ def lm_metrics(eval_fn: Callable, params: Params, batches: Iterable[Batch], toke
 
 def windows(sequence: np.ndarray, context: int, stride: int) -> list[dict[str, np.ndarray]]:
     """The sliding windows of one token sequence ([n], or [2, n]: tokens and loss mask) as the module
-    docstring says: inputs, targets and weights (1 where this window scores the target), each [<= context]."""
+    docstring says: inputs, targets and weights (1 where this window scores the target), each [<= context].
+    Simplification: the last window is not shifted left to end at the document's end (as some evaluations do
+    for more context); it is simply shorter."""
     tokens, mask = (sequence, None) if sequence.ndim == 1 else (sequence[0], sequence[1])
     n_targets = len(tokens) - 1
     out, scored, start = [], 0, 0
