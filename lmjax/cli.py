@@ -8,6 +8,8 @@
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
     lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
+    lmjax eval lm --workdir runs/x --source stdlib:val [--stride S --max-docs N --batch B --json out.json]
+    lmjax eval chat --workdir runs/x [--source stdlib:heldout --limit 128]
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -261,11 +263,18 @@ def cmd_chat_data(args: argparse.Namespace, overrides: list[str]) -> None:
     write_chat_dataset(args.out, args.package or None)
 
 
-def cmd_eval_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
-    import json
+def _write_json(path: str | None, results: dict) -> None:
+    """Writes `results` to `path` (a command's --json), if given."""
+    if path:
+        import json
 
+        from lmjax.text.io import atomic_write
+
+        atomic_write(path, json.dumps(results, indent=2) + "\n")
+
+
+def cmd_eval_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.tasks import evaluate_tasks
-    from lmjax.text.io import atomic_write
 
     names = [n for n in args.tasks.split(",") if n]
     results = evaluate_tasks(args.workdir, names, args.tasks_dir, args.limit, args.step)
@@ -276,15 +285,11 @@ def cmd_eval_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
             print(f"{name:<24} {acc:6.3f} {r.get('acc_norm', acc):8.3f} {r['chance']:6.3f} {r['centered']:8.3f} "
                   f"{r['questions']:5d}")
     print(f"{'mean centered':<24} {'':>6} {'':>8} {'':>6} {results['mean']['centered']:8.3f}")
-    if args.json:
-        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+    _write_json(args.json, results)
 
 
 def cmd_eval_bias(args: argparse.Namespace, overrides: list[str]) -> None:
-    import json
-
     from lmjax.eval.bias import evaluate_bias
-    from lmjax.text.io import atomic_write
 
     results = evaluate_bias(args.workdir, args.step)
     print(f"{'probe':<26} {'stereotype share':>16} {'95% interval':>15} {'p (no pref.)':>12} {'pairs':>6}")
@@ -292,15 +297,11 @@ def cmd_eval_bias(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"{name:<26} {r['stereotype_share']:16.3f}   [{r['low']:.2f}, {r['high']:.2f}] {r['p_value']:12.3g} "
               f"{r['pairs']:6d}")
     print("0.5 = no preference between the stereotypical and the other side of each pair")
-    if args.json:
-        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+    _write_json(args.json, results)
 
 
 def cmd_eval_redteam(args: argparse.Namespace, overrides: list[str]) -> None:
-    import json
-
     from lmjax.eval.redteam import evaluate_redteam
-    from lmjax.text.io import atomic_write
 
     results = evaluate_redteam(args.workdir, args.step, output_filter=not args.no_output_filter)
     print(f"{'category':<22} {'prompts':>7} {'blocked in':>10} {'blocked out':>11} {'harmful through':>15}")
@@ -308,18 +309,28 @@ def cmd_eval_redteam(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"{name:<22} {r['prompts']:7d} {r['blocked_input']:10.0%} {r['blocked_output']:11.0%} "
               f"{r['harmful_through']:15.0%}")
     print(f"benign prompts blocked (false positives): {results['benign']['false_positives']:.0%}")
-    if args.json:
-        atomic_write(args.json, json.dumps(results, indent=2) + "\n")
+    _write_json(args.json, results)
+
+
+def cmd_eval_lm(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.eval.lm import evaluate_source, format_lm
+
+    if overrides:
+        raise ConfigError("eval lm takes no --config overrides (the run's config is used)")
+    result = evaluate_source(args.workdir, args.source, args.step, args.stride, args.max_docs, args.batch)
+    print(format_lm(result))
+    _write_json(args.json, result)
 
 
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
+    from lmjax.eval.metrics import format_metrics
 
-    metrics, examples = evaluate_workdir(args.workdir, args.source, args.limit, args.step)
+    result, examples = evaluate_workdir(args.workdir, args.source, args.limit, args.step)
     for question, reply, reference in examples[: args.show]:
         print(f"Q: {question}\nA: {reply}\nreference: {reference}\n")
-    print(f"{args.workdir}: ROUGE-L {metrics['rouge_l']:.3f}, exact match {metrics['exact_match']:.3f} "
-          f"on {metrics['questions']} questions of chat:{args.source}")
+    print(f"{args.workdir}: greedy replies to {result['questions']} questions of chat:{args.source}")
+    print(format_metrics(result["metrics"]))
 
 
 def cmd_feedback_export(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -481,7 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat_data)
 
     evaluation = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
-    p = evaluation.add_parser("chat", help="ROUGE-L and exact match of greedy replies on held-out questions")
+    p = evaluation.add_parser("lm", help="loss, perplexity and bits per byte of documents scored whole "
+                              "(sliding window), beside the unigram baseline")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--source", required=True, help="data spec: stdlib:val, a prepared directory[:val], "
+                   "jsonl:GLOB, ... or chat:SOURCE (assistant tokens only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride in tokens (default: half the "
+                   "context; the context length gives non-overlapping chunks)")
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--batch", type=int, default=8, help="rows of context length per jitted step")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval_lm)
+    p = evaluation.add_parser("chat", help="BLEU, chrF, ROUGE, METEOR and exact match (with bootstrap intervals) "
+                              "of greedy replies on held-out questions")
     p.add_argument("--workdir", required=True, help="run directory")
     p.add_argument("--source", default="stdlib:heldout", help="chat source (stdlib:heldout or a JSONL glob)")
     p.add_argument("--limit", type=int, default=128, help="questions to ask")

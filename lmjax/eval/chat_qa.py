@@ -1,9 +1,10 @@
-"""Question answering on held-out chat data: greedy replies scored by ROUGE-L and exact match."""
+"""Question answering on held-out chat data: greedy replies scored by the generation metrics of
+lmjax/eval/metrics.py (BLEU, chrF, ROUGE, METEOR, exact match, with bootstrap intervals)."""
 
 from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
-
+from lmjax.config import DataError
+from lmjax.eval.metrics import generation_metrics
 from lmjax.infer.sampler import Sampler
 from lmjax.input.specs import read_chat
 from lmjax.run.restore import restore_model
@@ -36,22 +37,23 @@ def answer(sampler: Sampler, prompts: Sequence[list[dict]], max_new_tokens: int 
     return [r.strip() for r in replies]
 
 
-def score(replies: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-L F1 (stemmed) and the share of exact matches (after stripping whitespace)."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(ref, reply)["rougeL"].fmeasure for reply, ref in zip(replies, references, strict=True)]
-    exact = [reply.strip() == ref.strip() for reply, ref in zip(replies, references, strict=True)]
-    n = max(len(rouge), 1)
-    return {"rouge_l": sum(rouge) / n, "exact_match": sum(exact) / n, "questions": len(rouge)}
+def score(replies: Sequence[str], references: Sequence[str]) -> dict:
+    """`generation_metrics` of the replies under "metrics", and, for existing callers, the point values of
+    ROUGE-L F1 (stemmed) and exact match (case-folded, whitespace collapsed) and the number of questions."""
+    metrics = generation_metrics(replies, references)
+    return {"rouge_l": metrics["rouge_l"].value, "exact_match": metrics["exact_match"].value,
+            "questions": len(replies), "metrics": metrics}
 
 
 def evaluate_workdir(workdir: str, source: str = "stdlib:heldout", limit: int = 128,
-                     step: int | None = None) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+                     step: int | None = None) -> tuple[dict, list[tuple[str, str, str]]]:
     """Scores a run on the first `limit` questions of a chat source; returns the metrics and
     (question, reply, reference) triples."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(workdir), step)
     sampler = Sampler(cfg.model, graphdef, params, tokenizer)
     pairs = qa_pairs(read_chat(source))[:limit]
+    if not pairs:
+        raise DataError(f"chat source {source!r} holds no conversation with an assistant reply to score")
     replies = answer(sampler, [prompt for prompt, _ in pairs])
     references = [reference for _, reference in pairs]
     questions = [prompt[-1]["content"] for prompt, _ in pairs]

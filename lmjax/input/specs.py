@@ -9,6 +9,8 @@
 """
 
 import glob
+import itertools
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +75,18 @@ def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False
     if cda:
         documents = (text for doc in documents for text in dict.fromkeys([doc, counterfactual(doc)]))
     return tokenize_documents(documents, tokenizer, seq_len)
+
+
+def load_sequences(spec: str, tokenizer: Tokenizer, limit: int | None = None) -> list[np.ndarray]:
+    """The first `limit` (default all) documents of a documents spec as [bos] + ids + [eos], or conversations
+    of a chat spec as [2, n] (tokens, assistant-only loss mask), whole: what `lmjax eval lm` scores."""
+    kind, source = parse_spec(spec)
+    if kind == "pairs":
+        raise DataError(f"data spec {spec!r} holds preference pairs; language-model evaluation reads documents "
+                        "or chat:... conversations")
+    if kind == "chat":
+        return tokenize_conversations(read_chat(source)[:limit], tokenizer, sys.maxsize)
+    return tokenize_documents(itertools.islice(read_documents(source), limit), tokenizer, sys.maxsize)
 
 
 def load_pairs(spec: str) -> list[Pair]:

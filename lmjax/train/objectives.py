@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from lmjax.eval.baselines import unigram_bpb
-from lmjax.eval.lm import eval_step, lm_metrics
+from lmjax.eval.lm import jit_eval_step, lm_metrics
 from lmjax.input.loaders import Loaders
 from lmjax.input.packing import eval_batches, train_iterator
 from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, split_heldout
@@ -78,8 +78,7 @@ def lm_objective(ctx: RunContext) -> Objective:
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
                       in_shardings=(state_sharding, shardings.train),
                       out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                      in_shardings=(state_sharding["params"], shardings.eval, shardings.replicated))
+    eval_fn = jit_eval_step(graphdef, (state_sharding["params"], shardings.eval, shardings.replicated))
 
     def evaluate(params) -> dict:
         return lm_metrics(eval_fn, params, (global_batch(b, shardings.eval) for b in val_data), token_bytes)
