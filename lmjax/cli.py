@@ -322,6 +322,13 @@ def cmd_eval_lm(args: argparse.Namespace, overrides: list[str]) -> None:
     _write_json(args.json, result)
 
 
+def cmd_report(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.report.card import build_report
+
+    path = build_report(args.workdir, args.out)
+    print(f"wrote {path} and {path.with_suffix('.html')}")
+
+
 def cmd_eval_chat(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.chat_qa import evaluate_workdir
     from lmjax.eval.metrics import format_metrics
@@ -532,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-output-filter", action="store_true", help="measure the model alone on its replies")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_redteam)
+
+    p = sub.add_parser("report", help="evaluate a run and write its report card (Markdown + HTML, plots)")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--out", default=None, help="directory for the report (default: WORKDIR/report)")
+    p.set_defaults(func=cmd_report)
 
     feedback = sub.add_parser("feedback", help="ratings and edits collected by the demo and the API").add_subparsers(
         dest="feedback_command", required=True)

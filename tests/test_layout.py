@@ -7,7 +7,7 @@ import lmjax
 
 # Bottom to top: a module may import its own package and any package listed before it.
 LAYERS = ("config", "parallel", "text", "corpus", "model", "input", "run", "infer", "compress", "eval", "interop",
-          "train", "serve", "cli")
+          "train", "serve", "report", "cli")
 NO_JAX = ("text", "corpus")  # pure-Python stages
 
 

@@ -35,7 +35,7 @@ from lmjax.corpus.dedup import Decontaminator, ExactDedup, NearDedup, dedup_conf
 from lmjax.corpus.demographics import cooccurrence, render_cooccurrence
 from lmjax.corpus.pii import scrub_pii
 from lmjax.corpus.shards import SPLITS, iter_split, shard_paths, write_shard
-from lmjax.corpus.sources import iter_records
+from lmjax.corpus.sources import iter_records, source_license
 from lmjax.text.blocklist import Blocklist
 from lmjax.text.io import atomic_write, hash_unit
 from lmjax.text.tokenizer import Tokenizer, train_tokenizer
@@ -47,6 +47,7 @@ def prepare_config() -> ConfigDict:
     """Every knob of `lmjax data prepare`, with its default."""
     c = ConfigDict()
     c.sources = "stdlib:all"  # source spec (see lmjax/data/sources.py), mixtures included
+    c.license = ""  # the sources' license as their owners grant it, for data and model cards; "" = see source_license
     c.val_fraction = 0.05  # share of kept documents held out for validation (by text hash)
     c.chunk_docs = 20000  # input documents per chunk: one train + one val shard, and one resume point
     c.batch_docs = 500  # documents per task handed to a cleaning worker
@@ -266,6 +267,7 @@ def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
     tokens = {split: _count_tokens(tokenizer, iter_split(out, split)) for split in SPLITS}
     card = {
         "sources": cfg.sources,
+        "license": source_license(cfg.sources, cfg.license),
         "documents_in": progress.consumed,
         "bytes_in": progress.bytes_in,
         "documents_by_source": dict(progress.sources),
@@ -317,7 +319,7 @@ def _plot_lengths(counts: np.ndarray, path: Path) -> None:
 
 def render_card(card: dict) -> str:
     """The data card as Markdown."""
-    lines = [f"# Data card: `{card['sources']}`", "",
+    lines = [f"# Data card: `{card['sources']}`", "", f"- license: {card['license']}",
              f"- documents in: {card['documents_in']:,} ({card['bytes_in']:,} bytes)",
              "- documents out: " + ", ".join(f"{k} {v:,}" for k, v in card["documents_out"].items()),
              "- tokens out: " + ", ".join(f"{k} {v:,}" for k, v in card["tokens_out"].items()),

@@ -67,6 +67,20 @@ VAL_MIN_CHARS = 160_000  # ~40k tokens at ~4 chars/token
 MAX_WARNINGS = 20  # read_documents warns about this many bad inputs, then sums up the rest
 
 
+# The embedded corpus is this Python's own docstrings and pydoc topics, under the Python Software Foundation License.
+EMBEDDED_LICENSE = "PSF-2.0 (Python standard library docstrings and pydoc topics)"
+
+
+def source_license(spec: str, declared: str = "") -> str:
+    """What a card says of a source's license: the `declared` one, else the embedded corpus's for stdlib
+    sources, else that none was declared."""
+    if declared:
+        return declared
+    if spec.startswith(("stdlib", "chat:stdlib")):
+        return EMBEDDED_LICENSE
+    return "not declared (set the data config's `license`)"
+
+
 def split_train_val(
     docs: list[str], fraction: float = VAL_FRACTION, min_chars: int = VAL_MIN_CHARS
 ) -> tuple[list[str], list[str]]:

@@ -45,15 +45,24 @@ def score(replies: Sequence[str], references: Sequence[str]) -> dict:
             "questions": len(replies), "metrics": metrics}
 
 
+def fits(sampler: Sampler, prompt: list[dict], reply_tokens: int = 8) -> bool:
+    """Whether a conversation, as a prompt, leaves room for a reply in the sampler's context (longer ones are
+    left out of evaluations, as the server would refuse them)."""
+    return len(encode_chat(prompt, sampler.tokenizer, add_generation_prompt=True)[0]) + reply_tokens <= sampler.max_len
+
+
 def evaluate_workdir(workdir: str, source: str = "stdlib:heldout", limit: int = 128,
                      step: int | None = None) -> tuple[dict, list[tuple[str, str, str]]]:
     """Scores a run on the first `limit` questions of a chat source; returns the metrics and
     (question, reply, reference) triples."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(workdir), step)
     sampler = Sampler(cfg.model, graphdef, params, tokenizer)
-    pairs = qa_pairs(read_chat(source))[:limit]
+    pairs = qa_pairs(read_chat(source))
     if not pairs:
         raise DataError(f"chat source {source!r} holds no conversation with an assistant reply to score")
+    pairs = [p for p in pairs if fits(sampler, p[0])][:limit]
+    if not pairs:
+        raise DataError(f"no question of chat source {source!r} fits the model's context of {sampler.max_len}")
     replies = answer(sampler, [prompt for prompt, _ in pairs])
     references = [reference for _, reference in pairs]
     questions = [prompt[-1]["content"] for prompt, _ in pairs]

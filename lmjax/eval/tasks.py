@@ -135,11 +135,15 @@ def run_multiple_choice(task: Task, scorer: LoglikScorer, tokenizer, limit: int 
 
 
 def run_generation(task: Task, sampler: Sampler, limit: int | None = None, batch_size: int = 16) -> dict:
-    """exact_match and rouge_l of greedy replies to `task`'s first `limit` rows; centered = exact_match."""
-    rows = task.rows[:limit]
+    """exact_match and rouge_l of greedy replies to the first `limit` rows of `task` that leave room for a reply in
+    the model's context; centered = exact_match."""
     tokenizer = sampler.tokenizer
     prompts = [encode_chat([{"role": "user", "content": task.prompt(r)}], tokenizer, add_generation_prompt=True)[0]
-               .tolist() if task.chat else [tokenizer.bos_id] + tokenizer.encode(task.prompt(r)) for r in rows]
+               .tolist() if task.chat else [tokenizer.bos_id] + tokenizer.encode(task.prompt(r)) for r in task.rows]
+    kept = [(r, p) for r, p in zip(task.rows, prompts, strict=True) if len(p) + 8 <= sampler.max_len][:limit]
+    if not kept:
+        raise DataError(f"no question of task {task.name} fits the model's context of {sampler.max_len}")
+    rows, prompts = [r for r, _ in kept], [p for _, p in kept]
     replies = []
     for start in range(0, len(prompts), batch_size):  # full batches: one compiled decode step
         batch = prompts[start:start + batch_size]

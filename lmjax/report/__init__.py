@@ -1,0 +1,1 @@
+"""The report card: one page (Markdown and HTML, with plots) about a run, from its data to its safety numbers."""
