@@ -7,7 +7,8 @@
 2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (~7 minutes on 2 cores);
 3. fine-tunes it on the embedded chat dataset (questions about stdlib modules; ~3 minutes);
 4. asks both models held-out questions about modules never seen in fine-tuning and prints ROUGE-L;
-5. serves the chat demo on http://127.0.0.1:7860 (thumbs up/down go to OUT/sft/feedback.sqlite).
+5. writes the chat model's report card (OUT/sft/report/report.md and .html: evaluations, bias, red-team);
+6. serves the chat demo on http://127.0.0.1:7860 (thumbs up/down go to OUT/sft/feedback.sqlite).
 
 Every step resumes: running the script again skips what is finished.
 """
@@ -20,6 +21,7 @@ from lmjax.config import apply_overrides, load_config
 from lmjax.corpus.prepare import prepare
 from lmjax.corpus.shards import is_prepared
 from lmjax.eval.chat_qa import evaluate_workdir
+from lmjax.report.card import build_report
 from lmjax.train.loop import train
 
 
@@ -36,21 +38,21 @@ def main() -> None:
     out, start = Path(args.out), time.time()
     data, pretrain, sft = out / "data", out / "pretrain", out / "sft"
 
-    step("1/5 preparing the embedded corpus (seconds)", start)
+    step("1/6 preparing the embedded corpus (seconds)", start)
     card = prepare(load_config("configs/data/stdlib.py"), data) if not is_prepared(data) else None
     if card:
         print(f"  {card['documents_in']:,} documents in, {sum(card['documents_out'].values()):,} kept, "
               f"{card['tokens_out']['train']:,} training tokens; data card: {data / 'card.md'}")
 
-    step("2/5 pretraining configs/tiny.py (about 7 minutes)", start)
+    step("2/6 pretraining configs/tiny.py (about 7 minutes)", start)
     cfg = apply_overrides(load_config("configs/tiny.py"), [f"data.train={data}", f"data.val={data}:val"])
     result = train(cfg, pretrain)
     print(f"  val bits/byte {result['val_bpb']:.3f} vs {result['unigram_bpb']:.3f} for a unigram model")
 
-    step("3/5 chat fine-tuning configs/sft_tiny.py (about 3 minutes)", start)
+    step("3/6 chat fine-tuning configs/sft_tiny.py (about 3 minutes)", start)
     train(apply_overrides(load_config("configs/sft_tiny.py"), [f"init_from={pretrain}"]), sft)
 
-    step("4/5 held-out questions (modules never seen in fine-tuning)", start)
+    step("4/6 held-out questions (modules never seen in fine-tuning)", start)
     scores = {}
     for name, run in (("pretrained", pretrain), ("chat-tuned", sft)):
         scores[name], examples = evaluate_workdir(str(run))
@@ -60,10 +62,14 @@ def main() -> None:
         print(f"  {name:>10}: ROUGE-L {s['rouge_l']:.3f}, exact match {s['exact_match']:.3f} "
               f"on {s['questions']} questions")
 
+    step("5/6 the report card (evaluations, bias, red-team; about a minute)", start)
+    report = build_report(sft)
+    print(f"  {report} (and {report.with_suffix('.html')}: open it in a browser)")
+
     if args.no_demo:
         step("done", start)
         return
-    step(f"5/5 chat demo on http://127.0.0.1:{args.port} (Ctrl+C to stop)", start)
+    step(f"6/6 chat demo on http://127.0.0.1:{args.port} (Ctrl+C to stop)", start)
     from lmjax.serve.demo import launch
     from lmjax.serve.engine import ChatEngine
 
