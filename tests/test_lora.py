@@ -1,0 +1,188 @@
+"""LoRA: the adapted projection, a trainer that differentiates and stores only the adapters, inference merged
+and unmerged, `lmjax lora merge`, `lmjax plan`, the PEFT adapter export, and config errors."""
+
+import ast
+import dataclasses
+import functools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY_OVERRIDES, tiny_config
+from flax import nnx
+
+from lmjax.config import apply_overrides, base_config
+from lmjax.eval.chat_qa import answer, qa_pairs, score
+from lmjax.infer.sampler import Sampler
+from lmjax.interop.hf import import_hf
+from lmjax.interop.hf_export import export_hf
+from lmjax.model.lora import LoraSpec, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
+from lmjax.model.params import abstract_model, count_params, init_params
+from lmjax.run.restore import restore_model
+from lmjax.run.workdir import open_workdir
+from lmjax.text.chat_template import write_conversations
+from lmjax.train.loop import train
+from lmjax.train.step import init_lora_state, lora_train_step
+
+SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "key", "value", "out", "mlp"))
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 500, size=(2, 16)), jnp.int32)
+
+
+def tiny_model(family: str):
+    cfg = base_config()
+    cfg.model.update(family=family, vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2 if family == "llama"
+                     else 0, d_model=32, d_ff=64, seq_len=16, dtype="float32")
+    graphdef, _, _ = abstract_model(cfg.model)
+    return cfg, graphdef, init_params(cfg.model, jax.random.PRNGKey(0))
+
+
+def random_adapters(params, family: str, seed: int = 1):
+    """Adapters with non-zero `b` (a trained adapter), so that they change the logits."""
+    adapters = init_adapters(params, SPEC, family, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys, strict=True)])
+
+
+def logits(graphdef, params) -> np.ndarray:
+    positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
+    return np.asarray(nnx.merge(graphdef, params)(TOKENS, positions, jnp.ones_like(TOKENS))[0])
+
+
+@pytest.mark.parametrize("family,base_dtype", [("llama", ""), ("gpt2", ""), ("llama", "int8")])
+def test_merged_equals_unmerged_and_a_fresh_adapter_is_the_base(family, base_dtype):
+    _, graphdef, params = tiny_model(family)
+    base = frozen_base(params, base_dtype)
+    fresh = attach(base, init_adapters(params, SPEC, family, jax.random.PRNGKey(1)), SPEC)
+    np.testing.assert_array_equal(logits(graphdef, fresh), logits(graphdef, base))  # b = 0: exactly the base
+    adapted = attach(base, random_adapters(params, family), SPEC)
+    unmerged = logits(graphdef, adapted)
+    assert np.abs(unmerged - logits(graphdef, base)).max() > 0.1
+    np.testing.assert_allclose(logits(graphdef, merge(adapted)), unmerged, atol=2e-5)
+    assert count_params(adapted) == count_params(params)
+
+
+def test_targets_and_the_adapters_layout():
+    _, _, params = tiny_model("llama")
+    _, _, axes = abstract_model(tiny_model("llama")[0].model)
+    adapters = init_adapters(params, SPEC, "llama", jax.random.PRNGKey(0))
+    attn = adapters["blocks"][0]["attn"]
+    assert attn["query"]["a"].shape == (32, 4) and attn["query"]["b"].shape == (4, 4, 8)
+    assert attn["out"]["a"].shape == (4, 8, 4) and attn["out"]["b"].shape == (4, 32)
+    assert set(adapters["blocks"][1]["mlp"]) == {"gate", "up", "down"}
+    assert not np.any(np.asarray(attn["key"]["b"]))
+    only = LoraSpec(rank=2, targets=(), target_regex="blocks/1/attn/(query|value)")
+    assert [p[-1] for p in target_paths(params, only, "llama")] == ["query", "value"]
+    lora_axes = adapter_axes(axes, adapters)["blocks"][0]["attn"]
+    assert lora_axes["out"] == {"a": ("heads", "head_dim", "lora_rank"), "b": ("lora_rank", "embed")}
+
+
+def test_lora_state_holds_and_updates_only_the_adapters():
+    """The optimizer state is Adam's two moments of the adapters (not the base); after steps the adapters have
+    moved and the base is bitwise what it was."""
+    cfg, graphdef, params = tiny_model("llama")
+    tx = optax.adamw(1e-2)
+    state = init_lora_state(params, SPEC, "llama", tx, seed=0)
+    n_adapters = count_params(state["params"])
+    assert n_adapters < count_params(params) / 4
+    moments = [x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+    assert sum(moments) == 2 * n_adapters
+    base_before = jax.tree.map(np.array, params)
+    batch = {"inputs": TOKENS[None], "targets": jnp.roll(TOKENS, -1, axis=1)[None],
+             "segment_ids": jnp.ones_like(TOKENS)[None],
+             "positions": jnp.broadcast_to(jnp.arange(16), TOKENS.shape)[None]}
+    step = jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=False,
+                                     lora=dataclasses.replace(SPEC, dropout=0.1)))
+    first = None
+    for _ in range(5):
+        state, metrics = step(state, params, batch)
+        first = first if first is not None else float(metrics["loss"])
+    assert float(metrics["loss"]) < first
+    assert np.abs(np.asarray(state["params"]["blocks"][0]["attn"]["query"]["b"])).max() > 0
+    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def conversations(items):
+    return [[{"role": "user", "content": f"What is item {i}?"},
+             {"role": "assistant", "content": f"Item {i} is a number."}] for i in items]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny model pretrained for 300 steps, exported to Hugging Face and imported back (a run that `lmjax import
+    hf` wrote). The session's 24-step run is too raw a base: with its embedding and head frozen, neither LoRA
+    nor full-rank training of the projections alone learns the replies in tens of steps."""
+    tmp = tmp_path_factory.mktemp("imported")
+    train(tiny_config("train.steps=300", "train.eval_every=0", "train.ckpt_every=300", "train.log_every=100",
+                      "train.samples="), tmp / "pretrained")
+    return import_hf(export_hf(tmp / "pretrained", tmp / "hf"), tmp / "run")
+
+
+def lora_config(base, data, heldout, *more: str):
+    """The imported run's config with the tiny test runs' training knobs and a LoRA SFT on top."""
+    tiny_train = [o for o in TINY_OVERRIDES if o.startswith("train.")]
+    return apply_overrides(open_workdir(base).load_config(), tiny_train + lora_overrides(base, data, heldout)
+                           + list(more))
+
+
+def lora_overrides(base, data, heldout) -> list[str]:
+    return [f"init_from={base}", f"data.train=chat:{data}", f"data.val=chat:{heldout}",
+            "train.lora.rank=8", "train.lora.alpha=16", "train.lr=1e-2", "train.steps=30", "train.warmup_steps=3",
+            "train.eval_every=0", "train.ckpt_every=10", "train.keep_ckpts=5", "train.samples=",
+            "train.weight_decay=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(imported, tmp_path_factory):
+    """(workdir, config) of a 30-step LoRA SFT of the imported run on questions about items 0-63 (held out:
+    64-79)."""
+    tmp = tmp_path_factory.mktemp("lora")
+    data, heldout = tmp / "chat.jsonl", tmp / "heldout.jsonl"
+    write_conversations(conversations(range(64)), data)
+    write_conversations(conversations(range(64, 80)), heldout)
+    train(lora_config(imported, data, heldout), tmp / "run")
+    return tmp / "run", lora_config(imported, data, heldout)
+
+
+def losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def heldout_rouge(workdir, **restore) -> float:
+    cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(workdir), **restore)
+    pairs = qa_pairs(conversations(range(64, 80)))
+    replies = answer(Sampler(cfg.model, graphdef, params, tokenizer), [p for p, _ in pairs], max_new_tokens=16)
+    return score(replies, [r for _, r in pairs])["rouge_l"]
+
+
+def test_lora_sft_improves_heldout_chat_rouge_l(lora_run, imported):
+    before, after = heldout_rouge(imported), heldout_rouge(lora_run[0])
+    assert after > before + 0.3, (before, after)
+    cfg = open_workdir(lora_run[0]).load_config()
+    assert (cfg.train.lora.rank, cfg.train.lora.alpha, cfg.init_from) == (8, 16.0, str(imported.absolute()))
+
+
+def test_checkpoint_holds_only_the_adapters_and_resumes_exactly(lora_run, tmp_path):
+    run, cfg = lora_run
+    saved = json.loads((run / "checkpoints" / "30" / "params" / "_METADATA").read_text())["tree_metadata"]
+    names = {"/".join(ast.literal_eval(key)) for key in saved}  # each leaf's path, as a tuple's repr
+    projections = ("query", "key", "value", "out", "gate", "up", "down")
+    assert names == {f"blocks/{i}/{part}/{p}/{ab}" for i in range(cfg.model.num_layers) for p in projections
+                     for part in ["attn" if p in projections[:4] else "mlp"] for ab in "ab"}
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for step in ("30", "20"):
+        shutil.rmtree(resumed / "checkpoints" / step)
+    train(cfg, resumed)
+    assert losses(resumed) == losses(run)
+    _, _, a, _, _ = restore_model(open_workdir(resumed))
+    _, _, b, _, _ = restore_model(open_workdir(run))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
