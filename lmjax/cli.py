@@ -8,6 +8,7 @@
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
     lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
+    lmjax lora merge --workdir runs/lora --out runs/merged   (a LoRA run's adapters folded into a plain run)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -210,6 +211,15 @@ def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"wrote {export_hf(args.workdir, args.out, args.step)}")
 
 
+def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.run.lora import merge_run
+
+    if overrides:
+        raise ConfigError("lora merge takes no --config overrides")
+    step = merge_run(args.workdir, args.out, args.step)
+    print(f"wrote {args.out} (step {step}): the base with the adapters folded in, an ordinary run")
+
+
 def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.interop.hf import import_hf
 
@@ -391,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_export_hf)
+
+    lora = sub.add_parser("lora", help="LoRA runs (train.lora.*)").add_subparsers(dest="lora_command", required=True)
+    p = lora.add_parser("merge", help="write a LoRA run as an ordinary run with the adapters folded into the weights")
+    p.add_argument("--workdir", required=True, help="the LoRA run")
+    p.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_lora_merge)
 
     imports = sub.add_parser("import", help="read a model saved by another library").add_subparsers(
         dest="import_command", required=True)

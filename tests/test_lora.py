@@ -15,12 +15,13 @@ import pytest
 from conftest import TINY_OVERRIDES, tiny_config
 from flax import nnx
 
+from lmjax.cli import main
 from lmjax.config import apply_overrides, base_config
 from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
 from lmjax.interop.hf import import_hf
 from lmjax.interop.hf_export import export_hf
-from lmjax.model.lora import LoraSpec, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
+from lmjax.model.lora import LoraSpec, LoraWeight, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
 from lmjax.model.params import abstract_model, count_params, init_params
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
@@ -186,3 +187,25 @@ def test_checkpoint_holds_only_the_adapters_and_resumes_exactly(lora_run, tmp_pa
     _, _, b, _, _ = restore_model(open_workdir(run))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lora_merge_writes_a_plain_run_that_samples_identically(lora_run, imported, tmp_path, capsys):
+    run = lora_run[0]
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", "--workdir", str(run), "--out", str(merged)]) == 0
+    cfg, graphdef, params, _, step = restore_model(open_workdir(merged))
+    assert cfg.train.lora.rank == 0 and step == 30
+    assert not any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
+        x, LoraWeight)))
+    _, _, unmerged, _, _ = restore_model(open_workdir(run))
+    np.testing.assert_allclose(logits(graphdef, params), logits(graphdef, unmerged), atol=1e-4)
+    capsys.readouterr()
+    prompt = ["--prompt", "<|user|>What is item 70?", "--temperature", "0", "--max-new-tokens", "12"]
+    texts = []
+    for workdir in (run, merged):
+        assert main(["sample", "--workdir", str(workdir), *prompt]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    assert main(["lora", "merge", "--workdir", str(run), "--out", str(merged)]) == 2  # never over a run
+    assert main(["lora", "merge", "--workdir", str(imported), "--out", str(tmp_path / "x")]) == 2
+    assert "not a LoRA run" in capsys.readouterr().err
