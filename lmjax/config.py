@@ -319,9 +319,7 @@ def _validate_lora(cfg: ConfigDict) -> None:
         re.compile(o.target_regex)
     except re.error as e:
         raise ConfigError(f"train.lora.target_regex {o.target_regex!r} is not a regular expression: {e}") from None
-    if o.rank > 0:
-        _check(bool(cfg.init_from), "train.lora needs init_from: the run whose weights the adapters fine-tune")
-        _check(cfg.train.objective == "lm", "train.lora supports train.objective=lm only (not DPO yet)")
+    _check(o.rank == 0 or cfg.train.objective == "lm", "train.lora supports train.objective=lm only (not DPO yet)")
 
 
 def config_diff(old: ConfigDict, new: ConfigDict) -> dict[str, tuple]:

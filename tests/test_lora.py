@@ -27,6 +27,7 @@ from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
 from lmjax.text.chat_template import write_conversations
 from lmjax.train.loop import train
+from lmjax.train.plan import format_plan, plan
 from lmjax.train.step import init_lora_state, lora_train_step
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "key", "value", "out", "mlp"))
@@ -209,3 +210,17 @@ def test_lora_merge_writes_a_plain_run_that_samples_identically(lora_run, import
     assert main(["lora", "merge", "--workdir", str(run), "--out", str(merged)]) == 2  # never over a run
     assert main(["lora", "merge", "--workdir", str(imported), "--out", str(tmp_path / "x")]) == 2
     assert "not a LoRA run" in capsys.readouterr().err
+
+
+def test_plan_counts_the_frozen_base_and_the_adapters():
+    full = plan(tiny_config(), 1)
+    lora = plan(tiny_config("train.lora.rank=4"), 1)
+    int8 = plan(tiny_config("train.lora.rank=4", "train.lora.base_dtype=int8"), 1)
+    assert lora["total_bytes_per_device"] < full["total_bytes_per_device"]
+    assert int8["base_bytes_per_device"] < lora["base_bytes_per_device"] == full["param_bytes_per_device"]
+    # layers x rank x (K + N) of query, key, value (2 kv heads), out, then gate, up, down (d 64, d_ff 128)
+    assert lora["trainable_params"] == 2 * 4 * (128 + 96 + 96 + 128 + 3 * 192)
+    moments = 2 * lora["param_bytes_per_device"]  # Adam's two moments of the adapters, and its step counters
+    assert moments < lora["opt_bytes_per_device"] <= moments + 16 < full["opt_bytes_per_device"] / 10
+    assert lora["activation_bytes_per_device"] == full["activation_bytes_per_device"]
+    assert "frozen base (LoRA)" in format_plan(lora) and "rank 4" in format_plan(lora)

@@ -123,6 +123,8 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     if cfg.train.objective == "dpo" and not cfg.init_from:
         raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
                           "reference")
+    if cfg.train.lora.rank > 0 and not cfg.init_from:
+        raise ConfigError("train.lora needs init_from: the run whose weights the adapters fine-tune")
     for line in check_sharding(cfg, mesh_shape(cfg.mesh, jax.device_count())):
         log(line)
     cfg = resume_config(cfg, wd)
