@@ -6,7 +6,7 @@
     lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N --slots 8]
     lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
-    lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
+    lmjax export hf --workdir runs/x --out hf/x [--lora merged|adapter]  (a directory transformers loads)
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
     lmjax lora merge --workdir runs/lora --out runs/merged   (a LoRA run's adapters folded into a plain run)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
@@ -208,7 +208,7 @@ def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise ConfigError("export takes no --config overrides")
-    print(f"wrote {export_hf(args.workdir, args.out, args.step)}")
+    print(f"wrote {export_hf(args.workdir, args.out, args.step, args.lora)}")
 
 
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="the run to export")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--lora", default="merged", choices=("merged", "adapter"),
+                   help="a LoRA run: adapters merged into the weights, or the base plus a PEFT adapter in OUT/adapter")
     p.set_defaults(func=cmd_export_hf)
 
     lora = sub.add_parser("lora", help="LoRA runs (train.lora.*)").add_subparsers(dest="lora_command", required=True)

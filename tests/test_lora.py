@@ -16,15 +16,16 @@ from conftest import TINY_OVERRIDES, tiny_config
 from flax import nnx
 
 from lmjax.cli import main
-from lmjax.config import apply_overrides, base_config
+from lmjax.config import ConfigError, apply_overrides, base_config
 from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
 from lmjax.interop.hf import import_hf
 from lmjax.interop.hf_export import export_hf
 from lmjax.model.lora import LoraSpec, LoraWeight, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
 from lmjax.model.params import abstract_model, count_params, init_params
+from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import restore_model
-from lmjax.run.workdir import open_workdir
+from lmjax.run.workdir import Workdir, open_workdir
 from lmjax.text.chat_template import write_conversations
 from lmjax.train.loop import train
 from lmjax.train.plan import format_plan, plan
@@ -32,6 +33,7 @@ from lmjax.train.step import init_lora_state, lora_train_step
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "key", "value", "out", "mlp"))
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(4, 500, size=(2, 16)), jnp.int32)
+HF_TOKENS = np.random.default_rng(0).integers(4, 500, size=(2, 20))
 
 
 def tiny_model(family: str):
@@ -51,9 +53,10 @@ def random_adapters(params, family: str, seed: int = 1):
                                      for x, k in zip(leaves, keys, strict=True)])
 
 
-def logits(graphdef, params) -> np.ndarray:
-    positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
-    return np.asarray(nnx.merge(graphdef, params)(TOKENS, positions, jnp.ones_like(TOKENS))[0])
+def logits(graphdef, params, tokens=TOKENS) -> np.ndarray:
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens))[0])
 
 
 @pytest.mark.parametrize("family,base_dtype", [("llama", ""), ("gpt2", ""), ("llama", "int8")])
@@ -224,3 +227,56 @@ def test_plan_counts_the_frozen_base_and_the_adapters():
     assert moments < lora["opt_bytes_per_device"] <= moments + 16 < full["opt_bytes_per_device"] / 10
     assert lora["activation_bytes_per_device"] == full["activation_bytes_per_device"]
     assert "frozen base (LoRA)" in format_plan(lora) and "rank 4" in format_plan(lora)
+
+
+def lora_run_by_hand(tmp_path, tokenizer, family: str, *overrides: str):
+    """A LoRA run directory (config, tokenizer, one checkpoint of random non-zero adapters) on a random base run."""
+    from test_hf_export import random_run
+
+    base = random_run(tmp_path / "base", tokenizer, family, tied=family == "gpt2")
+    cfg = apply_overrides(open_workdir(base).load_config(), [f"init_from={base}", "init_from_step=7",
+                                                             "train.lora.rank=4", "train.lora.alpha=8", *overrides])
+    _, params, _ = abstract_model(cfg.model)
+    adapters = init_adapters(params, LoraSpec.from_config(cfg.train.lora), family, jax.random.PRNGKey(3))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    adapters = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                         for x, k in zip(leaves, keys, strict=True)])
+    wd = Workdir(tmp_path / "lora")
+    wd.path.mkdir()
+    wd.save_config(cfg)
+    tokenizer.save(wd.tokenizer_dir)
+    with Checkpointer(wd.checkpoint_dir) as ckpt:
+        ckpt.save_params(5, adapters)
+    return wd.path
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", []),
+    ("gpt2", []),
+    ("gpt2", ["train.lora.targets=", "train.lora.target_regex=blocks/1/attn/(key|value)|blocks/0/mlp/fc_out"]),
+])
+def test_peft_loads_an_exported_adapter_with_lmjax_logits(tmp_path, shared_tokenizer, family, overrides):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch
+
+    run = lora_run_by_hand(tmp_path, shared_tokenizer, family, *overrides)
+    _, graphdef, params, _, _ = restore_model(open_workdir(run))
+    vocab = shared_tokenizer.vocab_size
+    ours = logits(graphdef, params, HF_TOKENS)[..., :vocab]
+    out = export_hf(run, tmp_path / "hf", lora="adapter")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(out)
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(HF_TOKENS)).logits.numpy()
+    assert np.abs(theirs - ours).max() < 1e-5
+    merged = export_hf(run, tmp_path / "merged")  # the default: adapters folded into the weights
+    assert not (merged / "adapter").exists()
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(merged)(torch.from_numpy(HF_TOKENS)).logits.numpy()
+    assert np.abs(theirs - ours).max() < 1e-5
+    with pytest.raises(ConfigError, match="not a LoRA run"):
+        export_hf(tmp_path / "base", tmp_path / "x", lora="adapter")

@@ -199,14 +199,14 @@ def delta(lora: LoraWeight) -> jax.Array:
     return lora.scale * jnp.tensordot(a, b, axes=1)
 
 
-def merge(params, dtype: jnp.dtype = jnp.float32):
-    """`params` with every `LoraWeight` folded into a plain weight W + scale x a b (a quantized base is
-    dequantized first), every weight in `dtype`."""
+def merge(params, dtype: jnp.dtype = jnp.float32, adapters: bool = True):
+    """`params` with every `LoraWeight` folded into a plain weight W + scale x a b (or, without `adapters`, just
+    its base W); quantized weights dequantized, every weight in `dtype`."""
 
     def fold(x):
         if isinstance(x, LoraWeight):
-            w = dequantize(x.w) if isinstance(x.w, QArray) else x.w.astype(jnp.float32)
-            return (w + delta(x)).astype(dtype)
+            w = fold(x.w).astype(jnp.float32)
+            return (w + delta(x) if adapters else w).astype(dtype)
         return dequantize(x, dtype) if isinstance(x, QArray) else x.astype(dtype)
 
     return jax.tree.map(fold, params, is_leaf=lambda x: isinstance(x, LoraWeight | QArray))
