@@ -6,17 +6,19 @@ import dataclasses
 import functools
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, tiny_config, xla_cache_env
 from flax import nnx
 
 from lmjax.cli import main
-from lmjax.config import ConfigError, apply_overrides, base_config
+from lmjax.config import ConfigError, apply_overrides, base_config, validate
 from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
 from lmjax.interop.hf import import_hf
@@ -280,3 +282,48 @@ def test_peft_loads_an_exported_adapter_with_lmjax_logits(tmp_path, shared_token
     assert np.abs(theirs - ours).max() < 1e-5
     with pytest.raises(ConfigError, match="not a LoRA run"):
         export_hf(tmp_path / "base", tmp_path / "x", lora="adapter")
+
+
+def test_lora_trains_alike_on_an_fsdp_tensor_data_mesh(lora_run, tmp_path):
+    """Four steps on 8 devices (data 2 x fsdp 2 x tensor 2, in a process of its own) give the one-device losses."""
+    _, cfg = lora_run
+    cfg = apply_overrides(cfg, ["train.steps=4", "train.ckpt_every=4", "train.lora.dropout=0.1"])
+    train(cfg, tmp_path / "one")
+    (tmp_path / "config.json").write_text(apply_overrides(cfg, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+                                          .to_json())
+    script = ("import sys; from lmjax.config import config_from_json; from lmjax.train.loop import train; "
+              "train(config_from_json(open(sys.argv[1]).read()), sys.argv[2])")
+    env = dict(xla_cache_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "config.json"), str(tmp_path / "eight")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stdout + proc.stderr
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert list(eight) == [1, 2, 3, 4] and eight == pytest.approx(one, abs=1e-4)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lora.rank=-1", "train.lora.rank must be >= 0"),
+    ("train.lora.alpha=0", "train.lora.alpha must be positive"),
+    ("train.lora.dropout=1.0", r"train.lora.dropout must be in \[0, 1\)"),
+    ("train.lora.targets=query,qkv", r"train.lora.targets: unknown \['qkv'\]"),
+    ("train.lora.base_dtype=int4", "train.lora.base_dtype must be one of"),
+    ("train.lora.target_regex=blocks/(", "train.lora.target_regex 'blocks/\\(' is not a regular expression"),
+])
+def test_bad_lora_knobs_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(apply_overrides(base_config(), ["train.lora.rank=4", override]))
+
+
+def test_lora_targets_the_model_lacks_are_named(tmp_path):
+    _, _, params = tiny_model("llama")
+    for spec, message in [(LoraSpec(rank=2, targets=("fc_in",)), "'fc_in', which a llama model does not have"),
+                          (LoraSpec(rank=2, targets=(), target_regex="blocks/9/.*"), "matches no parameter"),
+                          (LoraSpec(rank=2, target_regex="blocks/0/attn_norm/scale"), "not a block projection"),
+                          (LoraSpec(rank=2, targets=()), "selects no weight")]:
+        with pytest.raises(ConfigError, match=message):
+            target_paths(params, spec, "llama")
+    with pytest.raises(ConfigError, match="train.lora needs init_from"):
+        train(tiny_config("train.lora.rank=4"), tmp_path / "no_base")
+    with pytest.raises(ConfigError, match="supports train.objective=lm only"):
+        validate(apply_overrides(base_config(), ["train.lora.rank=4", "train.objective=dpo"]))
