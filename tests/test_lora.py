@@ -285,9 +285,11 @@ def test_peft_loads_an_exported_adapter_with_lmjax_logits(tmp_path, shared_token
 
 
 def test_lora_trains_alike_on_an_fsdp_tensor_data_mesh(lora_run, tmp_path):
-    """Four steps on 8 devices (data 2 x fsdp 2 x tensor 2, in a process of its own) give the one-device losses."""
+    """Four steps on 8 devices (data 2 x fsdp 2 x tensor 2, in a process of its own) give the one-device losses;
+    with adapter dropout and the base held in bfloat16."""
     _, cfg = lora_run
-    cfg = apply_overrides(cfg, ["train.steps=4", "train.ckpt_every=4", "train.lora.dropout=0.1"])
+    cfg = apply_overrides(cfg, ["train.steps=4", "train.ckpt_every=4", "train.lora.dropout=0.1",
+                                "train.lora.base_dtype=bfloat16"])
     train(cfg, tmp_path / "one")
     (tmp_path / "config.json").write_text(apply_overrides(cfg, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
                                           .to_json())

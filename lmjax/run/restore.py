@@ -4,6 +4,7 @@ import sys
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
@@ -86,7 +87,11 @@ def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False
 
 def lora_base(cfg: ConfigDict, abstract_params):
     """The frozen base of the LoRA run `cfg`: its init_from parameters (restored into the shardings of
-    `abstract_params`) held in `train.lora.base_dtype`."""
+    `abstract_params`) held in `train.lora.base_dtype`. A bfloat16 base is restored straight into bfloat16 (Orbax
+    casts), so no float32 copy is ever held."""
+    if cfg.train.lora.base_dtype == "bfloat16":
+        abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16, sharding=s.sharding),
+                                       abstract_params)
     return frozen_base(init_params_from(cfg, abstract_params), cfg.train.lora.base_dtype)
 
 
