@@ -18,6 +18,7 @@ from conftest import TINY_OVERRIDES, tiny_config, xla_cache_env
 from flax import nnx
 
 from lmjax.cli import main
+from lmjax.compress.run import Compression, compress_run
 from lmjax.config import ConfigError, apply_overrides, base_config, validate
 from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
@@ -212,6 +213,10 @@ def test_lora_merge_writes_a_plain_run_that_samples_identically(lora_run, import
         assert main(["sample", "--workdir", str(workdir), *prompt]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
+    compressed = compress_run(run, tmp_path / "int8", Compression(quant="int8"))["out"]  # of the merged weights
+    cfg, _, int8, _, _ = restore_model(open_workdir(compressed))
+    assert cfg.train.lora.rank == 0
+    assert np.abs(logits(graphdef, int8) - logits(graphdef, unmerged)).mean() < 0.05
     assert main(["lora", "merge", "--workdir", str(run), "--out", str(merged)]) == 2  # never over a run
     assert main(["lora", "merge", "--workdir", str(imported), "--out", str(tmp_path / "x")]) == 2
     assert "not a LoRA run" in capsys.readouterr().err
