@@ -29,6 +29,7 @@ from lmjax.model.params import abstract_model, count_params, init_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import Workdir, open_workdir
+from lmjax.serve.engine import ChatEngine
 from lmjax.text.chat_template import write_conversations
 from lmjax.train.loop import train
 from lmjax.train.plan import format_plan, plan
@@ -213,6 +214,10 @@ def test_lora_merge_writes_a_plain_run_that_samples_identically(lora_run, import
         assert main(["sample", "--workdir", str(workdir), *prompt]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
+    question = [{"role": "user", "content": "What is item 70?"}]
+    replies = [list(ChatEngine.from_workdir(w, None, num_slots=2).stream_reply(question, 0.0, 1.0, 12, 0))[-1]
+               for w in (run, merged)]  # the serving engine (chat, demo, serve) runs the LoRA run unmerged
+    assert replies[0] == replies[1] and replies[0].startswith("Item")
     compressed = compress_run(run, tmp_path / "int8", Compression(quant="int8"))["out"]  # of the merged weights
     cfg, _, int8, _, _ = restore_model(open_workdir(compressed))
     assert cfg.train.lora.rank == 0
