@@ -6,10 +6,11 @@
     lmjax demo   --workdir runs/x [--host 127.0.0.1 --port 7860 --step N --slots 8]
     lmjax serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --api-keys keys.toml --slots 16 ...]
     lmjax compress --workdir runs/x --out runs/x-int8 [--quant int8|int4 --group-size 128 --prune wanda --sparsity 0.5]
-    lmjax export hf --workdir runs/x --out hf/x   (a Hugging Face directory transformers loads)
+    lmjax export hf --workdir runs/x --out hf/x [--lora merged|adapter]  (a directory transformers loads)
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
     lmjax eval lm --workdir runs/x --source stdlib:val [--stride S --max-docs N --batch B --json out.json]
     lmjax eval chat --workdir runs/x [--source stdlib:heldout --limit 128]
+    lmjax lora merge --workdir runs/lora --out runs/merged   (a LoRA run's adapters folded into a plain run)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
     lmjax feedback export --workdir runs/x --out prefs.jsonl   (preference pairs for train.objective=dpo)
@@ -211,7 +212,17 @@ def cmd_export_hf(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError("export takes no --config overrides")
     if args.max_shard_gb <= 0:
         raise ConfigError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
-    print(f"wrote {export_hf(args.workdir, args.out, args.step, int(args.max_shard_gb * 2**30))}")
+    print(f"wrote {export_hf(args.workdir, args.out, args.step, int(args.max_shard_gb * 2**30), args.lora)}")
+
+
+
+def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.run.lora import merge_run
+
+    if overrides:
+        raise ConfigError("lora merge takes no --config overrides")
+    step = merge_run(args.workdir, args.out, args.step)
+    print(f"wrote {args.out} (step {step}): the base with the adapters folded in, an ordinary run")
 
 
 def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -462,7 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="weights above this go into several shards")
+    p.add_argument("--lora", default="merged", choices=("merged", "adapter"),
+                   help="a LoRA run: adapters merged into the weights, or the base plus a PEFT adapter in OUT/adapter")
     p.set_defaults(func=cmd_export_hf)
+
+    lora = sub.add_parser("lora", help="LoRA runs (train.lora.*)").add_subparsers(dest="lora_command", required=True)
+    p = lora.add_parser("merge", help="write a LoRA run as an ordinary run with the adapters folded into the weights")
+    p.add_argument("--workdir", required=True, help="the LoRA run")
+    p.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_lora_merge)
 
     imports = sub.add_parser("import", help="read a model saved by another library").add_subparsers(
         dest="import_command", required=True)

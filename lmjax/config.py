@@ -7,6 +7,7 @@ with a `ConfigError` that names the key.
 
 import importlib.util
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
 QUANT_FORMATS = ("", "int8", "int4")
+# What train.lora.targets may name: "mlp" (the family's MLP projections) or one projection by lmjax's name.
+LORA_TARGETS = ("mlp", "query", "key", "value", "out", "fc_in", "fc_out", "gate", "up", "down")
+LORA_BASE_DTYPES = ("", "bfloat16", "int8")
 
 
 class LmjaxError(Exception):
@@ -89,6 +93,13 @@ def base_config() -> ConfigDict:
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
+    t.lora = o = ConfigDict()  # LoRA: train low-rank adapters on the frozen init_from weights (lmjax/model/lora.py)
+    o.rank = 0  # adapter rank r; 0 = off (train every parameter)
+    o.alpha = 16.0  # the adapters' output is scaled by alpha / rank (as in PEFT)
+    o.dropout = 0.0  # dropout on the adapters' input
+    o.targets = ("query", "key", "value", "out", "mlp")  # projections to adapt (see LORA_TARGETS); "mlp" = all MLP ones
+    o.target_regex = ""  # also adapt the projections whose '/'-joined path matches, e.g. "blocks/[01]/attn/.*"
+    o.base_dtype = ""  # frozen base weights held as "" (the run's param_dtype), "bfloat16" or "int8" (per channel)
 
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
@@ -115,6 +126,7 @@ def base_config() -> ConfigDict:
     r.head_dim = ""
     r.mlp = "tensor"
     r.position = ""
+    r.lora_rank = ""  # the LoRA adapters' rank axis
 
     c.compress = q = ConfigDict()  # how `lmjax compress` made this run out of another (it sets these; read at load)
     q.source = ""  # run directory the weights came from; "" = not a compressed run
@@ -273,6 +285,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _validate_lora(cfg)
     _check(cfg.data.loaders >= 0, f"data.loaders must be >= 0 (0 = one per process), got {cfg.data.loaders}")
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.eval_steps > 0,
            "train.log_every, train.ckpt_every and train.eval_steps must be positive")
@@ -292,6 +305,24 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         for axis in filter(None, axes.split(",")):
             _check(axis in MESH_AXES, f"mesh.rules.{logical} names unknown mesh axis {axis!r}")
     return cfg
+
+
+def _validate_lora(cfg: ConfigDict) -> None:
+    o = cfg.train.lora
+    extra = set(o.keys()) - set(base_config().train.lora.keys())
+    _check(not extra, f"unknown keys in config group 'train.lora': {sorted(extra)}")
+    _check(o.rank >= 0, f"train.lora.rank must be >= 0 (0 = off), got {o.rank}")
+    _check(o.alpha > 0, f"train.lora.alpha must be positive, got {o.alpha}")
+    _check(0.0 <= o.dropout < 1.0, f"train.lora.dropout must be in [0, 1), got {o.dropout}")
+    unknown = [n for n in o.targets if n not in LORA_TARGETS]
+    _check(not unknown, f"train.lora.targets: unknown {unknown}; known: {', '.join(LORA_TARGETS)}")
+    _check(o.base_dtype in LORA_BASE_DTYPES, f"train.lora.base_dtype must be one of {LORA_BASE_DTYPES}, "
+           f"got {o.base_dtype!r}")
+    try:
+        re.compile(o.target_regex)
+    except re.error as e:
+        raise ConfigError(f"train.lora.target_regex {o.target_regex!r} is not a regular expression: {e}") from None
+    _check(o.rank == 0 or cfg.train.objective == "lm", "train.lora supports train.objective=lm only (not DPO yet)")
 
 
 def config_diff(old: ConfigDict, new: ConfigDict) -> dict[str, tuple]:

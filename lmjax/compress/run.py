@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.compress.prune import input_norms, prune_params, sparsity_of
-from lmjax.config import QUANT_FORMATS, ConfigError, validate
+from lmjax.config import QUANT_FORMATS, ConfigError, base_config, validate
 from lmjax.input.packing import eval_batches
 from lmjax.input.specs import load_chunks
 from lmjax.model.quantized import quantize_params
@@ -69,7 +69,8 @@ def compress_run(source: str | Path, out: str | Path, compression: Compression, 
         cfg = wd.load_config()
         if cfg.compress.source:
             raise ConfigError(f"{wd.path} is itself compressed (from {cfg.compress.source}); compress the float run")
-        _, _, params, tokenizer, step = restore_model(wd, step)
+        _, _, params, tokenizer, step = restore_model(wd, step, merge_lora=True)  # a LoRA run: its merged weights
+        cfg.train.lora = base_config().train.lora
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
         if compression.prune:
             norms = None

@@ -9,6 +9,8 @@ its chat template, so that `AutoModelForCausalLM.from_pretrained(DIR)` and `Auto
 load it without lmjax: a Hugging Face tokenizer as it was imported; lmjax's SentencePiece model as
 `tokenizer.model` with a `LlamaTokenizer` `tokenizer_config.json` (transformers builds the fast tokenizer from
 it) and lmjax's template in Jinja.
+
+A LoRA run exports merged, or as its base plus a PEFT adapter (`peft_adapter`).
 """
 
 import json
@@ -22,6 +24,7 @@ from safetensors.numpy import save_file
 
 from lmjax.config import ConfigError
 from lmjax.model.config import ModelConfig
+from lmjax.model.lora import LoraSpec, LoraWeight, merge
 from lmjax.model.params import Params
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
@@ -107,18 +110,80 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(x) for name, x in out.items()}
 
 
+# Hugging Face module of each lmjax projection, under the layer prefix. GPT-2's query, key and value share the
+# fused `attn.c_attn` (see `peft_adapter`).
+HF_LAYERS = {"gpt2": "transformer.h", "llama": "model.layers"}
+HF_MODULES = {
+    "gpt2": {"query": "attn.c_attn", "key": "attn.c_attn", "value": "attn.c_attn", "out": "attn.c_proj",
+             "fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj"},
+    "llama": {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+              "out": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+}
+
+
+def peft_adapter(cfg: ModelConfig, lora: LoraSpec, params: Params, base_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config.json, adapter_model.safetensors tensors) of the `LoraWeight`s in `params`, in PEFT's LoRA
+    format: per Hugging Face module `lora_A.weight` [r, in] and `lora_B.weight` [out, r] with scale lora_alpha / r.
+
+    GPT-2 fuses query, key and value into one Conv1D, `c_attn` [d, 3d], while lmjax adapts them separately. The
+    fused module gets one exact adapter of rank n x r for its n adapted parts: A stacks their A's and B is block
+    diagonal (each part's B in its own output rows and rank columns), so B A x = [B_q A_q x; B_k A_k x; B_v A_v x];
+    its rank and alpha are n x r and n x alpha (`rank_pattern`, `alpha_pattern`), keeping PEFT's scale."""
+    modules: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for i, block in params["blocks"].items():
+        for part in ("attn", "mlp"):
+            for name, w in block[part].items():
+                if isinstance(w, LoraWeight):
+                    a, b = (np.asarray(jax.device_get(x), np.float32) for x in (w.a, w.b))
+                    module = f"{HF_LAYERS[cfg.family]}.{i}.{HF_MODULES[cfg.family][name]}"
+                    modules.setdefault(module, {})[name] = (a.reshape(-1, lora.rank).T, b.reshape(lora.rank, -1).T)
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for module, parts in modules.items():
+        if module.endswith("c_attn"):
+            d = cfg.d_model
+            lora_a = np.concatenate([a for a, _ in parts.values()])
+            lora_b = np.zeros((3 * d, lora_a.shape[0]), np.float32)
+            for j, (name, (_, b)) in enumerate(parts.items()):
+                row = ("query", "key", "value").index(name) * d
+                lora_b[row:row + d, j * lora.rank:(j + 1) * lora.rank] = b
+            rank_pattern[module], alpha_pattern[module] = len(parts) * lora.rank, len(parts) * lora.alpha
+        else:
+            (lora_a, lora_b), = parts.values()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_dir, "r": lora.rank,
+              "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": sorted(modules),
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
+              "fan_in_fan_out": cfg.family == "gpt2", "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+    return config, tensors
+
+
 def export_hf(workdir: str | Path, out: str | Path, step: int | None = None,
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = MAX_SHARD_BYTES, lora: str = "merged") -> Path:
     """Writes checkpoint `step` (default latest) of the run `workdir` as a Hugging Face directory `out`
-    (`new_directory`: complete or absent; a non-empty `out` is refused)."""
+    (`new_directory`: complete or absent; a non-empty `out` is refused). A LoRA run is written with its
+    adapters merged into the weights (`lora="merged"`), or (`lora="adapter"`) as its base in `out` plus a PEFT
+    adapter in `out/adapter` that `peft.PeftModel.from_pretrained(base model, out/adapter)` loads."""
+    if lora not in ("merged", "adapter"):
+        raise ConfigError(f"--lora must be merged or adapter, got {lora!r}")
     with new_directory(out) as staging:
         wd = open_workdir(workdir)
         saved: ConfigDict = wd.load_config()
         if saved.compress.quant or saved.compress.source:
             raise ConfigError(f"{wd.path} is a compressed run; export the float run it came from "
                               f"({saved.compress.source})")
-        cfg, _, params, tokenizer, step = restore_model(wd, step)
+        spec = LoraSpec.from_config(saved.train.lora)
+        if lora == "adapter" and not spec.enabled:
+            raise ConfigError(f"{wd.path} is not a LoRA run (train.lora.rank is 0): it has no adapter to export")
+        cfg, _, params, tokenizer, step = restore_model(wd, step, merge_lora=lora == "merged")
         model_cfg = ModelConfig.from_config(cfg.model)
+        if lora == "adapter":
+            config, tensors = peft_adapter(model_cfg, spec, params, str(Path(out).absolute()))
+            (staging / "adapter").mkdir()
+            save_file(tensors, str(staging / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (staging / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            params = merge(params, adapters=False)
         save_weights(hf_tensors(model_cfg, params), staging, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(hf_config(model_cfg, tokenizer), indent=2))
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,

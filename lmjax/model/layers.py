@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lmjax.model.lora import LoraWeight, lora_equations
 from lmjax.model.quantized import QArray, qeinsum
 from lmjax.parallel.rules import constrain
 
@@ -82,16 +83,30 @@ def project(x: jax.Array, w: nnx.Param, equation: str, dtype: jnp.dtype,
     (forward and backward) and the bias added in float32 before rounding to the compute dtype. The result
     is named `PROJECTION` for rematerialisation policies: the custom VJP hides its matmul from JAX's
     dot-based policies, so `model.remat="dots"` saves these names instead. A quantized weight (`QArray`, from
-    `lmjax compress`) is multiplied by `qeinsum` (inference only)."""
+    `lmjax compress` or a LoRA run's int8 base) is multiplied by `qeinsum`; a `LoraWeight` adds its adapter
+    path (lmjax/model/lora.py) to its base weight's product."""
     value = w.get_value()
+    lora = value if isinstance(value, LoraWeight) else None
+    if lora is not None:
+        value = lora.w
     if isinstance(value, QArray):
         out = qeinsum(equation, x, value, dtype)
     else:
         _record(w, x, _contracted(equation))
         out = _einsum_f32(equation, x.astype(dtype), value.astype(dtype))
+    if lora is not None:
+        out = out + _lora_path(x, lora, equation, dtype)
     if bias is not None:
         out = out + bias[...].astype(jnp.float32)
     return checkpoint_name(out.astype(dtype), PROJECTION)
+
+
+def _lora_path(x: jax.Array, lora: LoraWeight, equation: str, dtype: jnp.dtype) -> jax.Array:
+    """scale x (dropout(x) a) b in float32, both matmuls with inputs in the compute dtype like the base's."""
+    to_a, to_b = lora_equations(equation)
+    x = dropout(x, lora.dropout, lora.dropout_rng).astype(dtype)
+    h = _einsum_f32(to_a, x, lora.a.astype(dtype)).astype(dtype)
+    return lora.scale * _einsum_f32(to_b, h, lora.b.astype(dtype))
 
 
 def head_logits(x: jax.Array, w: nnx.Param, equation: str, dtype: jnp.dtype) -> jax.Array:

@@ -12,6 +12,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.model.config import ModelConfig
+from lmjax.model.lora import LoraWeight
 from lmjax.model.quantized import QArray
 from lmjax.model.transformer import Transformer
 
@@ -46,8 +47,10 @@ def init_params(cfg: ModelConfig | ConfigDict, rng: jax.Array) -> Params:
 
 
 def count_params(params: Params) -> int:
-    """Number of parameters (works on arrays or ShapeDtypeStructs; a quantized weight counts as the weight)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
+    """Number of parameters (works on arrays or ShapeDtypeStructs; a quantized weight counts as the weight, a
+    LoRA-adapted one as its base weight)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray | LoraWeight))
+    return sum(math.prod(x.shape) for x in leaves)
 
 
 def matmul_params(cfg: ModelConfig | ConfigDict, params: Params) -> int:

@@ -4,9 +4,11 @@ import sys
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
+from lmjax.model.lora import LoraSpec, attach, frozen_base, init_adapters, merge
 from lmjax.model.params import abstract_model
 from lmjax.model.quantized import for_matmul, quantize_params
 from lmjax.run.checkpoint import Checkpointer
@@ -44,10 +46,12 @@ def quant_matmul(setting: str, backend: str) -> str:
     return "int8" if backend == "cpu" else "dequant"
 
 
-def restore_model(wd: Workdir, step: int | None = None) -> Restored:
+def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False) -> Restored:
     """A trained run's model, params from checkpoint `step` (default latest), on the default device, computing
     in `decode_dtype` (said on stderr when that is not the run's dtype); a compressed run's quantized weights
-    multiply the `quant_matmul` way. Raises WorkdirError / CheckpointError with a clear message."""
+    multiply the `quant_matmul` way. A LoRA run's params are its base (init_from, as it trained) with its
+    adapters attached as `LoraWeight`s, or folded into plain weights with `merge_lora`. Raises WorkdirError /
+    CheckpointError with a clear message."""
     cfg = wd.load_config()
     dtype = decode_dtype(cfg.model.dtype, jax.default_backend())
     if dtype != cfg.model.dtype:
@@ -64,11 +68,21 @@ def restore_model(wd: Workdir, step: int | None = None) -> Restored:
               file=sys.stderr)
         abstract_params = jax.eval_shape(lambda p: quantize_params(p, q.quant, q.group_size), abstract_params)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                   abstract_params)
+    on_device = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+    lora = LoraSpec.from_config(cfg.train.lora)
+    if lora.enabled:
+        abstract_adapters = jax.eval_shape(
+            lambda p: init_adapters(p, lora, cfg.model.family, jax.random.PRNGKey(0)), abstract_params)
+        with Checkpointer(wd.checkpoint_dir) as ckpt:
+            step = ckpt.resolve_step(step)
+            adapters = ckpt.restore_params(on_device(abstract_adapters), step)
+        params = attach(lora_base(cfg, on_device(abstract_params)), adapters, lora)
+        if merge_lora:
+            params = merge(params, cfg.model.param_dtype)
+        return Restored(cfg, graphdef, params, tokenizer, step)
     with Checkpointer(wd.checkpoint_dir) as ckpt:
         step = ckpt.resolve_step(step)
-        params = ckpt.restore_params(abstract_params, step)
+        params = ckpt.restore_params(on_device(abstract_params), step)
     if q.quant:
         params = for_matmul(params, matmul)
     return Restored(cfg, graphdef, params, tokenizer, step)
@@ -90,11 +104,25 @@ def starting_model(cfg: ConfigDict) -> ConfigDict:
     return model
 
 
+def lora_base(cfg: ConfigDict, abstract_params):
+    """The frozen base of the LoRA run `cfg`: its init_from parameters (restored into the shardings of
+    `abstract_params`) held in `train.lora.base_dtype`. A bfloat16 base is restored straight into bfloat16 (Orbax
+    casts), so no float32 copy is ever held."""
+    if cfg.train.lora.base_dtype == "bfloat16":
+        abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16, sharding=s.sharding),
+                                       abstract_params)
+    return frozen_base(init_params_from(cfg, abstract_params), cfg.train.lora.base_dtype)
+
+
 def check_init_from(cfg: ConfigDict) -> int:
     """The checkpoint step of the `init_from` run that starts `cfg` (`init_from_step`, or its latest if that
     is -1), after checking that its model has the same parameter shapes. Reads no checkpoint data."""
     source = Workdir(cfg.init_from)
-    source_model = source.load_config().model
+    source_cfg = source.load_config()
+    if source_cfg.train.lora.rank > 0:
+        raise ConfigError(f"init_from {source.path} is a LoRA run (its checkpoints hold only adapters); merge it "
+                          f"into a plain run first: lmjax lora merge --workdir {source.path} --out DIR")
+    source_model = source_cfg.model
     diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
     if cfg.model.family == "gpt2" and source_model.seq_len != cfg.model.seq_len:
         diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)  # the learned position table's shape

@@ -23,12 +23,13 @@ from lmjax.config import ConfigError, base_config, config_diff, validate
 from lmjax.infer.sampler import Sampler
 from lmjax.input import specs
 from lmjax.input.loaders import loader_count
+from lmjax.model.lora import LoraSpec, adapter_axes, attach
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
 from lmjax.parallel.mesh import batch_shards, make_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_shardings, use_rules
 from lmjax.run.checkpoint import Checkpointer
-from lmjax.run.restore import check_init_from, init_params_from, starting_model
+from lmjax.run.restore import check_init_from, init_params_from, lora_base, starting_model
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
 from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
@@ -44,7 +45,7 @@ from lmjax.train.objectives import (
 )
 from lmjax.train.optim import lr_schedule, make_optimizer
 from lmjax.train.plan import check_sharding
-from lmjax.train.step import init_state, start_state
+from lmjax.train.step import init_lora_state, init_state, start_state
 
 # Knobs a resumed run may change; any other difference from the run's config.json is refused. `mesh.*` says
 # how the run is laid out on devices, not what it computes (checkpoints move between meshes); a started run
@@ -65,6 +66,8 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
         if cfg.init_from:
             cfg.model = starting_model(cfg)
             cfg.init_from_step = check_init_from(cfg)
+            if cfg.train.lora.rank > 0:  # its checkpoints need the base again wherever they are restored
+                cfg.init_from = str(Path(cfg.init_from).absolute())
         return cfg
     saved = wd.load_config()
     for key, default in DECIDED_AT_START.items():
@@ -121,6 +124,8 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     if cfg.train.objective == "dpo" and not cfg.init_from:
         raise ConfigError("train.objective=dpo needs init_from: the run to start from, which is also the frozen "
                           "reference")
+    if cfg.train.lora.rank > 0 and not cfg.init_from:
+        raise ConfigError("train.lora needs init_from: the run whose weights the adapters fine-tune")
     cfg = resume_config(cfg, wd)
     for line in check_sharding(cfg, mesh_shape(cfg.mesh, jax.device_count())):
         log(line)
@@ -142,15 +147,19 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
 
 
 def restore_or_init(cfg: ConfigDict, ckpt: Checkpointer, objective: Objective, abstract_state, state_sharding,
-                    tx, ref_params=None):
+                    tx, ref_params=None, init_lora=None):
     """(train state, its step): the latest checkpoint's (with the data loaders moved to its position), else
-    step 0 from init_from's parameters (restored straight into their shardings; no random state is built),
-    else step 0 of a new model. DPO passes its reference (`ref_params`, the same weights) to start from."""
+    step 0 of a LoRA run (`init_lora()`: fresh adapters), else step 0 from init_from's parameters (restored
+    straight into their shardings; no random state is built), else step 0 of a new model. DPO passes its
+    reference (`ref_params`, the same weights) to start from."""
     if ckpt.latest_step() is not None:
         state = ckpt.restore(with_sharding(abstract_state, state_sharding), objective.data_iter)
         step = int(jax.device_get(state["step"]))
         log(f"resumed from checkpoint at step {step}")
         return state, step
+    if init_lora is not None:
+        log(f"LoRA adapters on the frozen weights of {cfg.init_from} (step {cfg.init_from_step})")
+        return jax.jit(init_lora, out_shardings=state_sharding)(), 0
     seed = cfg.train.seed
     if cfg.init_from:
         if ref_params is not None:
@@ -269,8 +278,18 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
 
     graphdef, abstract_params, axes = abstract_model(m_cfg)
     tx = make_optimizer(t_cfg)
-    abstract_state = jax.eval_shape(functools.partial(init_state, m_cfg, tx, t_cfg.seed))
-    state_sharding = tree_shardings(mesh, rules, abstract_state, axes)
+    lora, base, init_lora = LoraSpec.from_config(t_cfg.lora), None, None
+    if lora.enabled:
+        init_lora = functools.partial(init_lora_state, abstract_params, lora, m_cfg.family, tx, t_cfg.seed)
+        abstract_state = jax.eval_shape(init_lora)
+        state_sharding = tree_shardings(mesh, rules, abstract_state, adapter_axes(axes, abstract_state["params"]))
+        base = lora_base(cfg, with_sharding(abstract_params, tree_shardings(mesh, rules, abstract_params, axes)))
+        n_adapters = count_params(abstract_state["params"])
+        log(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}): {n_adapters / 1e6:.3f}M adapter parameters train; the "
+            f"base is frozen{f' in {lora.base_dtype}' if lora.base_dtype else ''}")
+    else:
+        abstract_state = jax.eval_shape(functools.partial(init_state, m_cfg, tx, t_cfg.seed))
+        state_sharding = tree_shardings(mesh, rules, abstract_state, axes)
     shardings = BatchShardings(
         train=NamedSharding(mesh, logical_to_spec((None, "batch", "length"), rules, mesh.shape)),
         eval=NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh.shape)),
@@ -278,7 +297,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     ref_params = None
     if t_cfg.objective == "dpo":
         ref_params = init_params_from(cfg, with_sharding(abstract_params, state_sharding["params"]))
-    ctx = RunContext(cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params)
+    ctx = RunContext(cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params, base)
     objective = (dpo_objective if t_cfg.objective == "dpo" else lm_objective)(ctx)
 
     n_params = count_params(abstract_params)
@@ -291,7 +310,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     try:
         with Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts) as ckpt, use_rules(mesh, rules):
             state, first_step = restore_or_init(cfg, ckpt, objective, abstract_state, state_sharding, tx,
-                                                ref_params)
+                                                ref_params, init_lora)
             state, step, last_val, stopped_by = run_steps(cfg, objective, state, first_step, ckpt, writer, wd,
                                                           shardings.train, flops_token, peak)
             if not last_val and not stopped_by:
@@ -302,8 +321,8 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     if jax.process_index() == 0:
         plot_losses(read_metrics(wd.metrics_path), wd.plot_path, title=f"{m_cfg.family} {n_params / 1e6:.1f}M")
     if jax.process_count() == 1 and t_cfg.samples and not stopped_by:
-        write_samples(Sampler(m_cfg, graphdef, state["params"], tokenizer), list(t_cfg.samples), wd.samples_path,
-                      t_cfg.seed)
+        params = state["params"] if base is None else attach(base, state["params"], lora)
+        write_samples(Sampler(m_cfg, graphdef, params, tokenizer), list(t_cfg.samples), wd.samples_path, t_cfg.seed)
     return {"step": step, "stopped_by": stopped_by or "", **objective.result, **last_val}
 
 

@@ -17,15 +17,16 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from lmjax.eval.baselines import unigram_bpb
-from lmjax.eval.lm import jit_eval_step, lm_metrics
+from lmjax.eval.lm import eval_step, jit_eval_step, lm_metrics
 from lmjax.input.loaders import Loaders
 from lmjax.input.packing import eval_batches, train_iterator
 from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, split_heldout
 from lmjax.input.specs import load_chunks, load_pairs
+from lmjax.model.lora import LoraSpec, attach
 from lmjax.text.tokenizer import Tokenizer
 from lmjax.train.dpo import dpo_eval_step, dpo_step, evaluate_pairs
 from lmjax.train.metrics import log
-from lmjax.train.step import train_step
+from lmjax.train.step import lora_train_step, train_step
 
 
 class BatchShardings(NamedTuple):
@@ -44,6 +45,7 @@ class RunContext(NamedTuple):
     state_sharding: dict  # shardings of the train state
     shardings: BatchShardings
     ref_params: dict | None  # DPO: the frozen reference (the init_from parameters), laid out like the params
+    base: dict | None  # LoRA: the frozen base weights the adapters (the state's params) attach to
 
 
 class Objective(NamedTuple):
@@ -58,7 +60,7 @@ class Objective(NamedTuple):
 
 def lm_objective(ctx: RunContext) -> Objective:
     """Next-token prediction on documents or conversations; validation loss, perplexity and bits per byte."""
-    cfg, tokenizer, graphdef, tx, state_sharding, shardings, _ = ctx
+    cfg, tokenizer, graphdef, tx, state_sharding, shardings, _, base = ctx
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
     start = time.time()
@@ -75,10 +77,22 @@ def lm_objective(ctx: RunContext) -> Objective:
                                                                                      t_cfg.seed, k, count))
     val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=cfg.model.dropout > 0),
-                      in_shardings=(state_sharding, shardings.train),
-                      out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
-    eval_fn = jit_eval_step(graphdef, (state_sharding["params"], shardings.eval, shardings.replicated))
+    dropout = cfg.model.dropout > 0
+    if base is None:
+        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=dropout),
+                          in_shardings=(state_sharding, shardings.train),
+                          out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+        eval_fn = jit_eval_step(graphdef, (state_sharding["params"], shardings.eval, shardings.replicated))
+    else:  # the base keeps the layout it was loaded with (None: taken from the arrays)
+        lora = LoraSpec.from_config(t_cfg.lora)
+        lora_step = jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=dropout, lora=lora),
+                            in_shardings=(state_sharding, None, shardings.train),
+                            out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
+        lora_eval = jax.jit(lambda adapters, frozen, b, t: eval_step(attach(frozen, adapters, lora), b, t,
+                                                                     graphdef=graphdef),
+                            in_shardings=(state_sharding["params"], None, shardings.eval, shardings.replicated))
+        step_fn = lambda state, batch: lora_step(state, base, batch)
+        eval_fn = lambda adapters, b, t: lora_eval(adapters, base, b, t)
 
     def evaluate(params) -> dict:
         return lm_metrics(eval_fn, params, (global_batch(b, shardings.eval) for b in val_data), token_bytes)
@@ -93,7 +107,7 @@ def lm_objective(ctx: RunContext) -> Objective:
 def dpo_objective(ctx: RunContext) -> Objective:
     """DPO (lmjax/train/dpo.py) on the preference pairs of data.train against the frozen `init_from`
     parameters; held out: the pairs of data.val, or those of 10% of data.train's prompts if data.val is ""."""
-    cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params = ctx
+    cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params, _ = ctx
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
     pairs = load_pairs(cfg.data.train)

@@ -11,12 +11,13 @@ from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, validate
 from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
+from lmjax.model.lora import LoraSpec, adapter_axes, frozen_base
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_specs
 from lmjax.run.restore import starting_model
 from lmjax.train.optim import make_optimizer
-from lmjax.train.step import init_state
+from lmjax.train.step import init_lora_state, init_state
 
 
 def _shard_elements(shape, spec, sizes: dict[str, int]) -> int:
@@ -129,7 +130,8 @@ def check_sharding(cfg: ConfigDict, sizes: dict[str, int]) -> list[str]:
 
 def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> dict:
     """Parameter count, training FLOPs (with remat's recomputation), per-device bytes of params / grads /
-    optimizer state and the estimated activations of one micro-batch (see `activation_bytes`) for each
+    optimizer state (of a LoRA run: the frozen base in its dtype, and the adapters with their gradients and
+    optimizer state) and the estimated activations of one micro-batch (see `activation_bytes`) for each
     remat policy. Given `device_memory_gb` (1 GB = 1e9 bytes), also whether the configured run fits and
     the largest train.batch_size that does (same grad_accum and remat, a multiple of the batch shards)."""
     validate(cfg)
@@ -139,15 +141,25 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     rules = dict(cfg.mesh.rules)
     _, params, axes = abstract_model(m)
     dropped = check_model_fits_mesh(params, axes, rules, sizes, TENSOR_PARALLEL_AXES)
-    state = jax.eval_shape(functools.partial(init_state, m, make_optimizer(t), 0))
-    specs = tree_specs(sizes, rules, state, axes)
+    lora = LoraSpec.from_config(t.lora)
+    base_bytes = unsharded_base = 0
+    if lora.enabled:  # trainable: the adapters; the frozen base is held once, in its dtype, without gradients
+        state = jax.eval_shape(functools.partial(init_lora_state, params, lora, m.family, make_optimizer(t), 0))
+        specs = tree_specs(sizes, rules, state, adapter_axes(axes, state["params"]))
+        base = jax.eval_shape(functools.partial(frozen_base, base_dtype=lora.base_dtype), params)
+        base_bytes = _bytes_per_device(base, tree_specs(sizes, rules, base, axes), sizes)
+        unsharded_base = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
+    else:
+        state = jax.eval_shape(functools.partial(init_state, m, make_optimizer(t), 0))
+        specs = tree_specs(sizes, rules, state, axes)
     param_bytes = _bytes_per_device(state["params"], specs["params"], sizes)
     opt_bytes = _bytes_per_device(state["opt_state"], specs["opt_state"], sizes)
     accum_bytes = param_bytes if t.grad_accum > 1 else 0
-    state_bytes = 2 * param_bytes + accum_bytes + opt_bytes
+    state_bytes = base_bytes + 2 * param_bytes + accum_bytes + opt_bytes
 
     to_compute = jnp.dtype(m.dtype).itemsize / jnp.dtype(m.param_dtype).itemsize
-    block, block_specs = state["params"]["blocks"][0], specs["params"]["blocks"][0]
+    model_specs = tree_specs(sizes, rules, params, axes)
+    block, block_specs = params["blocks"][0], model_specs["blocks"][0]
     weights = {"block_weight_bytes": int(_bytes_per_device(block, block_specs, sizes) * to_compute),
                "gathered_weight_bytes": int(_bytes_per_device(block, block_specs, {**sizes, "fsdp": 1}) * to_compute)}
     shards, micro = batch_shards(rules, sizes), t.batch_size // t.grad_accum
@@ -157,6 +169,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     # are counted here and in the FLOPs, which the output matmul spends on them too.
     n = count_params(params)
     padding = (m.padded_vocab - m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2)
+    # A LoRA run's FLOPs are counted as a full fine-tune's (an upper bound: it skips the base's weight gradients).
     fpt = flops_per_token(m, params)
     tokens_per_step = t.batch_size * m.seq_len
     flops_by_remat = {r: (fpt + recompute_flops_per_token(cfg, params, r)) * tokens_per_step for r in REMAT_POLICIES}
@@ -174,12 +187,16 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
         "seq_len": m.seq_len,
         "batch_shards": shards,
         "micro_batch": micro,
+        "lora_rank": lora.rank,
+        "trainable_params": count_params(state["params"]),
+        "base_bytes_per_device": base_bytes,
         "param_bytes_per_device": param_bytes,
         "grad_bytes_per_device": param_bytes,
         "grad_accum_bytes_per_device": accum_bytes,
         "opt_bytes_per_device": opt_bytes,
         "state_bytes_per_device": state_bytes,
-        "unsharded_state_bytes": 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
+        "unsharded_state_bytes": unsharded_base
+        + 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
         + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"])),
         "activation_bytes_per_device": activations[m.remat],
         "activation_bytes_by_remat": activations,
@@ -214,9 +231,14 @@ def format_plan(p: dict) -> str:
         f"training FLOPs/step:  {p['flops_per_step']:.3e} (including remat's recomputation; "
         f"{p['flops_per_step'] / math.prod(p['mesh'].values()):.3e} per device)",
         "per device:",
-        f"  parameters             {p['param_bytes_per_device'] / gb:8.3f} GB",
-        f"  gradients              {p['grad_bytes_per_device'] / gb:8.3f} GB",
     ]
+    if p["lora_rank"]:
+        lines += [f"  frozen base (LoRA)     {p['base_bytes_per_device'] / gb:8.3f} GB",
+                  f"  LoRA adapters          {p['param_bytes_per_device'] / gb:8.3f} GB (rank {p['lora_rank']}, "
+                  f"{p['trainable_params']:,} trainable parameters)"]
+    else:
+        lines.append(f"  parameters             {p['param_bytes_per_device'] / gb:8.3f} GB")
+    lines.append(f"  gradients              {p['grad_bytes_per_device'] / gb:8.3f} GB")
     if p["grad_accum_bytes_per_device"]:
         lines.append(f"  gradient accumulator   {p['grad_accum_bytes_per_device'] / gb:8.3f} GB")
     lines += [

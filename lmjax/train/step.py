@@ -1,6 +1,7 @@
 """Pure, jittable training steps.
 
-A train state is a dict {'step', 'params', 'opt_state', 'rng'} of arrays. A batch is a dict of int32
+A train state is a dict {'step', 'params', 'opt_state', 'rng'} of arrays (in a LoRA run `params` are the
+adapters only, and the frozen base weights are a separate argument of the step). A batch is a dict of int32
 arrays `inputs`, `targets`, `segment_ids`, `positions` (and optionally `loss_mask`); train batches carry
 a leading micro-batch axis [grad_accum, micro_batch, seq_len], eval batches are [batch, seq_len].
 """
@@ -15,6 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.model.config import ModelConfig
+from lmjax.model.lora import LoraSpec, attach, init_adapters
 from lmjax.model.loss import Batch, loss_weights, token_losses
 from lmjax.model.params import Params, init_params
 
@@ -66,10 +68,32 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
                dropout: bool) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step of next-token prediction; the loss is the mean over all counted tokens of the
     whole batch (see `accumulated_update`)."""
+    return _lm_update(state, batch, graphdef, tx, dropout, lambda params, rng: params)
+
+
+def init_lora_state(base: Params, lora: LoraSpec, family: str, tx: optax.GradientTransformation, seed: int) -> State:
+    """Step 0 of a LoRA run: fresh adapters for the weights `lora` targets in `base` (arrays or shapes) as the
+    trainable params, their optimizer state and the dropout RNG. The base itself is not part of the state."""
+    adapter_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+    return start_state(init_adapters(base, lora, family, adapter_rng), tx, seed)
+
+
+def lora_train_step(state: State, base: Params, batch: Batch, *, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, dropout: bool,
+                    lora: LoraSpec) -> tuple[State, dict[str, jax.Array]]:
+    """`train_step` of a LoRA run: the state's params are the adapters, attached to the frozen `base`, which is
+    neither differentiated nor in the optimizer state."""
+    attached = lambda adapters, rng: attach(base, adapters, lora, jax.random.fold_in(rng, 1))
+    return _lm_update(state, batch, graphdef, tx, dropout, attached)
+
+
+def _lm_update(state: State, batch: Batch, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, dropout: bool,
+               model_params: Callable) -> tuple[State, dict[str, jax.Array]]:
+    """The next-token step on the model parameters `model_params(state params, rng)`."""
 
     def summed_loss(params, micro, rng):
         weights = loss_weights(micro)
-        losses = token_losses(params, graphdef, micro, rng if dropout else None)
+        losses = token_losses(model_params(params, rng), graphdef, micro, rng if dropout else None)
         return (losses * weights).sum(), {"tokens": weights.sum()}
 
     return accumulated_update(state, batch, summed_loss, tx, count_key="tokens")
