@@ -23,7 +23,7 @@ class IdTokenizer:
     """Just enough of a Tokenizer for Sampler: its text is the token ids, so texts compare as ids; no end token,
     so that outputs run to their length."""
 
-    bos_id, eos_id, special_ids = 1, -1, {}
+    bos_id, eos_id, special_ids, stop_ids = 1, -1, {}, []
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(map(str, ids))

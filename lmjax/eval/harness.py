@@ -6,6 +6,7 @@ so a task scores the same either way; rolling log-likelihoods use lm-eval's own 
 context; generation is greedy (lm-eval's `until`, `max_gen_toks`), the only decoding its tasks ask of a model.
 """
 
+import lm_eval.models  # noqa: F401  (the harness's own models first: its registry imports them only while empty)
 from lm_eval import utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
