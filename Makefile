@@ -39,9 +39,11 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	} || echo "prometheus could not be installed: the Prometheus tests will be skipped"
 
+# Two pytest workers (whole files each, so a file's fixtures are built once): XLA compiles on one core, and
+# most of the suite's time is compiling tiny programs, so two files at a time use both cores.
 test: $(VENV)/.dev browser prometheus
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest-cache-lmjax
