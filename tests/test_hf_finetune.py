@@ -3,6 +3,7 @@ tiny random `transformers` models with tokenizers trained here (GPT-2 without a 
 added; Qwen2 with a ChatML template), checked against `transformers` at both ends."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,9 @@ def test_every_command_runs_on_an_imported_run(round_trip, tmp_path, capsys):
     engine = ChatEngine.from_workdir(tuned, num_slots=2)
     try:
         with TestClient(Api(engine, ServeSettings(model_name=family), warmup=False).app) as client:
+            deadline = time.monotonic() + 120  # the engine starts on a background thread
+            while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
             reply = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
                                                               "temperature": 0})
             assert reply.status_code == 200, reply.text
