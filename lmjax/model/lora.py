@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
@@ -135,16 +135,6 @@ def target_paths(params, spec: LoraSpec, family: str) -> list[tuple]:
     return chosen
 
 
-def _nest(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
-
-
 def _lookup(tree: dict, path: tuple):
     for key in path:
         if not isinstance(tree, dict) or key not in tree:
@@ -164,7 +154,7 @@ def init_adapters(params, spec: LoraSpec, family: str, rng: jax.Array) -> dict:
         std = 1.0 / np.sqrt(np.prod(contracted))
         a = std * jax.random.normal(jax.random.fold_in(rng, i), (*contracted, spec.rank), w.dtype)
         adapters[path] = {"a": a, "b": jnp.zeros((spec.rank, *kept), w.dtype)}
-    return _nest(adapters)
+    return traverse_util.unflatten_dict(adapters)
 
 
 def adapter_axes(axes: dict, adapters: dict) -> dict:
@@ -175,7 +165,7 @@ def adapter_axes(axes: dict, adapters: dict) -> dict:
         weight, which = path[:-1], path[-1]
         w_axes, n = _lookup(axes, weight), CONTRACTED[weight[-1]]
         flat[path] = (*w_axes[:n], RANK_AXIS) if which == "a" else (RANK_AXIS, *w_axes[n:])
-    return _nest(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def attach(base, adapters: dict, spec: LoraSpec, rng: jax.Array | None = None):

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import jax
-from flax import nnx
+from flax import nnx, traverse_util
 from ml_collections import ConfigDict
 
 from lmjax.model.config import ModelConfig
@@ -19,24 +19,14 @@ from lmjax.model.transformer import Transformer
 Params = dict[str, Any]
 
 
-def _nest(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
-
-
 def abstract_model(cfg: ModelConfig | ConfigDict) -> tuple[nnx.GraphDef, Params, Params]:
     """(graphdef, params as ShapeDtypeStructs, logical axes per parameter); allocates nothing."""
     cfg = ModelConfig.from_config(cfg)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    shapes = _nest({path: var.get_value() for path, var in flat})
-    axes = _nest({path: var.get_metadata()["axes"] for path, var in flat})
+    shapes = traverse_util.unflatten_dict({path: var.get_value() for path, var in flat})
+    axes = traverse_util.unflatten_dict({path: var.get_metadata()["axes"] for path, var in flat})
     return graphdef, shapes, axes
 
 
