@@ -22,6 +22,7 @@ QUANT_FORMATS = ("", "int8", "int4")
 # What train.lora.targets may name: "mlp" (the family's MLP projections) or one projection by lmjax's name.
 LORA_TARGETS = ("mlp", "query", "key", "value", "out", "fc_in", "fc_out", "gate", "up", "down")
 LORA_BASE_DTYPES = ("", "bfloat16", "int8")
+ADVERSARIAL_METHODS = ("none", "neftune", "pgd", "freelb", "smart")
 
 
 class LmjaxError(Exception):
@@ -100,6 +101,14 @@ def base_config() -> ConfigDict:
     o.targets = ("query", "key", "value", "out", "mlp")  # projections to adapt (see LORA_TARGETS); "mlp" = all MLP ones
     o.target_regex = ""  # also adapt the projections whose '/'-joined path matches, e.g. "blocks/[01]/attn/.*"
     o.base_dtype = ""  # frozen base weights held as "" (the run's param_dtype), "bfloat16" or "int8" (per channel)
+    t.adversarial = a = ConfigDict()  # perturbations of the input embeddings in training (lmjax/train/adversarial.py)
+    a.method = "none"  # none | neftune (noise) | pgd (train on the attack) | freelb (free ascent) | smart (KL term)
+    a.eps = 0.1  # radius of the per-token ball, in units of the embeddings' RMS norm (pgd, freelb, smart)
+    a.alpha = 0.03  # ascent step in the same units (pgd, freelb, smart); neftune: its noise scale (5 in the paper)
+    a.steps = 1  # K: ascent steps per micro-batch (pgd, freelb, smart)
+    a.norm = "l2"  # the ball: "l2" (per token) or "linf" (per coordinate)
+    a.weight = 1.0  # smart: weight of the KL term; pgd: share of the adversarial loss in (1 - w) clean + w adv
+    a.init = "zero"  # where the ascent starts: "zero" or "random" (in the ball); smart always starts at random
 
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
@@ -286,6 +295,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _validate_lora(cfg)
+    _validate_adversarial(cfg)
     _check(cfg.data.loaders >= 0, f"data.loaders must be >= 0 (0 = one per process), got {cfg.data.loaders}")
     _check(t.log_every > 0 and t.ckpt_every > 0 and t.eval_steps > 0,
            "train.log_every, train.ckpt_every and train.eval_steps must be positive")
@@ -305,6 +315,22 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         for axis in filter(None, axes.split(",")):
             _check(axis in MESH_AXES, f"mesh.rules.{logical} names unknown mesh axis {axis!r}")
     return cfg
+
+
+def _validate_adversarial(cfg: ConfigDict) -> None:
+    a = cfg.train.adversarial
+    extra = set(a.keys()) - set(base_config().train.adversarial.keys())
+    _check(not extra, f"unknown keys in config group 'train.adversarial': {sorted(extra)}")
+    _check(a.method in ADVERSARIAL_METHODS, f"train.adversarial.method must be one of {ADVERSARIAL_METHODS}, "
+                                            f"got {a.method!r}")
+    _check(a.norm in ("l2", "linf"), f"train.adversarial.norm must be l2|linf, got {a.norm!r}")
+    _check(a.init in ("zero", "random"), f"train.adversarial.init must be zero|random, got {a.init!r}")
+    _check(a.eps > 0 and a.alpha > 0, f"train.adversarial.eps and alpha must be positive, got {a.eps}, {a.alpha}")
+    _check(a.steps >= 1, f"train.adversarial.steps must be >= 1, got {a.steps}")
+    _check(a.weight >= 0 and (a.method != "pgd" or a.weight <= 1),
+           f"train.adversarial.weight must be >= 0 (pgd: in [0, 1]), got {a.weight}")
+    _check(cfg.train.objective != "dpo" or a.method in ("none", "neftune", "smart"),
+           f"train.adversarial.method={a.method} is for next-token training; DPO supports neftune and smart")
 
 
 def _validate_lora(cfg: ConfigDict) -> None:

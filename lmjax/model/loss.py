@@ -21,9 +21,18 @@ def loss_weights(batch: Batch) -> jax.Array:
     return (batch["segment_ids"] != 0).astype(jnp.float32)
 
 
-def token_losses(params: Params, graphdef: nnx.GraphDef, batch: Batch,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Per-token next-token cross-entropy (nats, float32), shape [batch, seq_len]."""
+def batch_logits(params: Params, graphdef: nnx.GraphDef, batch: Batch, dropout_rng: jax.Array | None = None,
+                 embed_delta: jax.Array | None = None) -> jax.Array:
+    """Next-token logits [batch, seq_len, padded vocab] (float32) of a batch's inputs, with `embed_delta`
+    added to the token embeddings if given."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng,
+                      embed_delta=embed_delta)
+    return logits
+
+
+def token_losses(params: Params, graphdef: nnx.GraphDef, batch: Batch, dropout_rng: jax.Array | None = None,
+                 embed_delta: jax.Array | None = None) -> jax.Array:
+    """Per-token next-token cross-entropy (nats, float32), shape [batch, seq_len]."""
+    logits = batch_logits(params, graphdef, batch, dropout_rng, embed_delta)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])

@@ -81,17 +81,22 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, vocab), ("embed", "vocab"), pdt)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-                 dropout_rng: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+                 dropout_rng: jax.Array | None = None, cache: dict | None = None,
+                 embed_delta: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """tokens, positions, segment_ids: [B, T] int32 -> (logits [B, T, V] float32, updated cache).
         V is the padded vocabulary; the logits of the padding ids are `MASKED_LOGIT`.
 
-        `dropout_rng` turns dropout on (training). `cache` (from `init_cache`) switches to decoding:
+        `dropout_rng` turns dropout on (training). `embed_delta` [B, T, D] is added to the token embeddings
+        (adversarial training and robustness evaluation perturb there, lmjax/model/perturb.py).
+        `cache` (from `init_cache`) switches to decoding:
         each row's T new tokens are written from its slot `cache['index'][b]` on and attend to all earlier
         valid slots of their row.
         Without a cache each block is rematerialised under `model.remat` (this only changes what the
         backward pass stores and recomputes, never the values).
         """
         x = embed_tokens(self.embed, tokens, self.dtype)
+        if embed_delta is not None:
+            x = x + embed_delta.astype(self.dtype)
         if self.family == "gpt2":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))

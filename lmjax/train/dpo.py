@@ -12,23 +12,31 @@ import optax
 from flax import nnx
 
 from lmjax.input.pairs import SIDES
-from lmjax.model.loss import Batch, loss_weights, token_losses
+from lmjax.model.loss import Batch, batch_logits, loss_weights
 from lmjax.model.params import Params
+from lmjax.model.perturb import embedding_rms
+from lmjax.train.adversarial import PLAIN, AdversarialSpec, adversarial_grads
 from lmjax.train.step import State, accumulated_update
 
 
-def sequence_logprobs(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
-    """Sum of the log-probabilities of the target tokens where loss_mask is 1, shape [batch]."""
-    return -(token_losses(params, graphdef, batch) * loss_weights(batch)).sum(-1)
+def _stack_sides(batch: Batch) -> Batch:
+    """Both sides of each pair in adjacent rows ([B, 2, T] -> [2B, T]), so each device keeps its own pairs'
+    rows on a sharded batch and one forward pass scores both."""
+    return {k: jnp.stack([batch[f"{s}_{k}"] for s in SIDES], axis=1).reshape(-1, batch[f"chosen_{k}"].shape[-1])
+            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+
+
+def _side_logprobs(logits: jax.Array, rows: Batch) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) sequence log-probs from the logits of the stacked rows."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
+    logprobs = -(losses * loss_weights(rows)).sum(-1).reshape(-1, 2)
+    return logprobs[:, 0], logprobs[:, 1]
 
 
 def _pair_logprobs(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(chosen, rejected) sequence log-probs from one forward pass over both sides. The two sides of a pair
-    sit in adjacent rows ([B, 2, T] -> [2B, T]), so each device keeps its own pairs' rows on a sharded batch."""
-    both = {k: jnp.stack([batch[f"{s}_{k}"] for s in SIDES], axis=1).reshape(-1, batch[f"chosen_{k}"].shape[-1])
-            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    logprobs = sequence_logprobs(params, graphdef, both).reshape(-1, 2)
-    return logprobs[:, 0], logprobs[:, 1]
+    """(chosen, rejected) sequence log-probs of `params`."""
+    rows = _stack_sides(batch)
+    return _side_logprobs(batch_logits(params, graphdef, rows), rows)
 
 
 def pair_terms(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
@@ -39,25 +47,45 @@ def pair_terms(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen:
     return -jax.nn.log_sigmoid(beta * margin), correct, margin
 
 
-def _pair_sums(params: Params, ref_params: Params, batch: Batch, graphdef: nnx.GraphDef,
+def _pair_weights(batch: Batch) -> jax.Array:
+    """1 for real pairs, 0 for the padding pairs of a batch."""
+    return (batch["chosen_loss_mask"].sum(-1) > 0).astype(jnp.float32)
+
+
+def _sums_from(chosen: jax.Array, rejected: jax.Array, ref: tuple[jax.Array, jax.Array], weights: jax.Array,
                beta: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss sum, {pairs, accuracy, margin} sums) over the real (non-padding) pairs of a batch."""
-    weights = (batch["chosen_loss_mask"].sum(-1) > 0).astype(jnp.float32)
-    ref = jax.lax.stop_gradient(_pair_logprobs(ref_params, graphdef, batch))
-    loss, correct, margin = pair_terms(*_pair_logprobs(params, graphdef, batch), *ref, beta)
+    """(loss sum, {pairs, accuracy, margin} sums) over the real pairs."""
+    loss, correct, margin = pair_terms(chosen, rejected, *ref, beta)
     return (loss * weights).sum(), {"pairs": weights.sum(), "accuracy": (correct * weights).sum(),
                                     "margin": (margin * weights).sum()}
 
 
+def _pair_sums(params: Params, ref_params: Params, batch: Batch, graphdef: nnx.GraphDef,
+               beta: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss sum, {pairs, accuracy, margin} sums) over the real (non-padding) pairs of a batch."""
+    ref = jax.lax.stop_gradient(_pair_logprobs(ref_params, graphdef, batch))
+    return _sums_from(*_pair_logprobs(params, graphdef, batch), ref, _pair_weights(batch), beta)
+
+
 def dpo_step(state: State, ref_params: Params, batch: Batch, *, graphdef: nnx.GraphDef,
-             tx: optax.GradientTransformation, beta: float) -> tuple[State, dict[str, jax.Array]]:
+             tx: optax.GradientTransformation, beta: float,
+             adversarial: AdversarialSpec = PLAIN) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step of DPO over `grad_accum` micro-batches of pairs (leading axis); metrics are
-    means over the step's pairs."""
+    means over the step's pairs. Under `adversarial` (neftune or smart) the policy's inputs are perturbed
+    (the reference's never); SMART's KL counts each side's loss-masked tokens as its mean per pair."""
 
-    def summed_loss(params, micro, rng):
-        return _pair_sums(params, ref_params, micro, graphdef, beta)
+    def grad_fn(params, micro, rng):
+        rows, weights = _stack_sides(micro), _pair_weights(micro)
+        ref = jax.lax.stop_gradient(_side_logprobs(batch_logits(ref_params, graphdef, rows), rows))
+        logits_of = lambda p, delta: batch_logits(p, graphdef, rows, None, delta)
+        objective = lambda logits: _sums_from(*_side_logprobs(logits, rows), ref, weights, beta)
+        mask = loss_weights(rows)
+        per_pair = mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0) * jnp.repeat(weights, 2)[:, None] / 2
+        scale = embedding_rms(params)
+        return adversarial_grads(adversarial, logits_of, objective, params, rows, rng, scale,
+                                 params["embed"].shape[-1], per_pair)
 
-    return accumulated_update(state, batch, summed_loss, tx, count_key="pairs")
+    return accumulated_update(state, batch, grad_fn, tx, count_key="pairs")
 
 
 def dpo_eval_step(params: Params, ref_params: Params, batch: Batch, *, graphdef: nnx.GraphDef,

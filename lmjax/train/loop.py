@@ -306,6 +306,9 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({m_cfg.dtype})")
 
+    if (adv := t_cfg.adversarial).method != "none":
+        log(f"adversarial training: {adv.method} (eps {adv.eps:g}, alpha {adv.alpha:g}, {adv.steps} step(s), "
+            f"{adv.norm}, weight {adv.weight:g}, init {adv.init})")
     writer = MetricsWriter(wd.metrics_path, wd.tb_dir)
     try:
         with Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts) as ckpt, use_rules(mesh, rules):

@@ -24,6 +24,7 @@ from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, spl
 from lmjax.input.specs import load_chunks, load_pairs
 from lmjax.model.lora import LoraSpec, attach
 from lmjax.text.tokenizer import Tokenizer
+from lmjax.train.adversarial import AdversarialSpec
 from lmjax.train.dpo import dpo_eval_step, dpo_step, evaluate_pairs
 from lmjax.train.metrics import log
 from lmjax.train.step import lora_train_step, train_step
@@ -78,14 +79,17 @@ def lm_objective(ctx: RunContext) -> Objective:
     val_data = eval_batches(val_chunks, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), shardings.replicated)
     dropout = cfg.model.dropout > 0
+    adversarial = AdversarialSpec.from_config(t_cfg.adversarial)
     if base is None:
-        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=dropout),
+        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, dropout=dropout,
+                                            adversarial=adversarial),
                           in_shardings=(state_sharding, shardings.train),
                           out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
         eval_fn = jit_eval_step(graphdef, (state_sharding["params"], shardings.eval, shardings.replicated))
     else:  # the base keeps the layout it was loaded with (None: taken from the arrays)
         lora = LoraSpec.from_config(t_cfg.lora)
-        lora_step = jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=dropout, lora=lora),
+        lora_step = jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=dropout, lora=lora,
+                                              adversarial=adversarial),
                             in_shardings=(state_sharding, None, shardings.train),
                             out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
         lora_eval = jax.jit(lambda adapters, frozen, b, t: eval_step(attach(frozen, adapters, lora), b, t,
@@ -122,7 +126,8 @@ def dpo_objective(ctx: RunContext) -> Objective:
     val_data = [global_batch(b, shardings.eval) for b in eval_pair_batches(
         val_rows, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
-    step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta),
+    step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta,
+                                     adversarial=AdversarialSpec.from_config(t_cfg.adversarial)),
                    in_shardings=(state_sharding, params_sharding, shardings.train),
                    out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(dpo_eval_step, graphdef=graphdef, beta=t_cfg.dpo_beta),

@@ -17,8 +17,10 @@ from ml_collections import ConfigDict
 
 from lmjax.model.config import ModelConfig
 from lmjax.model.lora import LoraSpec, attach, init_adapters
-from lmjax.model.loss import Batch, loss_weights, token_losses
+from lmjax.model.loss import Batch, batch_logits, loss_weights
 from lmjax.model.params import Params, init_params
+from lmjax.model.perturb import embedding_rms
+from lmjax.train.adversarial import PLAIN, AdversarialSpec, adversarial_grads
 
 State = dict[str, Any]
 
@@ -35,13 +37,13 @@ def start_state(params: Params, tx: optax.GradientTransformation, seed: int) -> 
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": dropout_rng}
 
 
-def accumulated_update(state: State, batch: Batch, summed_loss: Callable, tx: optax.GradientTransformation,
+def accumulated_update(state: State, batch: Batch, grad_fn: Callable, tx: optax.GradientTransformation,
                        count_key: str) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step over the micro-batches of `batch` (leading axis). `summed_loss(params, micro, rng)`
-    returns (loss sum, dict of sums); the loss and the other sums are averaged over the total of
+    """One optimizer step over the micro-batches of `batch` (leading axis). `grad_fn(params, micro, rng)`
+    returns ((loss sum, dict of sums), gradients of the loss sum), e.g. `jax.value_and_grad(summed_loss,
+    has_aux=True)`; the loss, the gradients and the other sums are averaged over the total of
     `sums[count_key]`, so accumulation gives the same update as one big batch."""
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def accumulate(carry, xs):
         grads, loss, sums = carry
@@ -51,7 +53,7 @@ def accumulated_update(state: State, batch: Batch, summed_loss: Callable, tx: op
 
     num_micro = jax.tree.leaves(batch)[0].shape[0]
     first = jax.tree.map(lambda x: x[0], batch)
-    sum_shapes = jax.eval_shape(summed_loss, state["params"], first, step_rng)[1]
+    sum_shapes = jax.eval_shape(grad_fn, state["params"], first, step_rng)[0][1]
     zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes))
     (grads, loss, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(num_micro)))
@@ -65,10 +67,10 @@ def accumulated_update(state: State, batch: Batch, summed_loss: Callable, tx: op
 
 
 def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               dropout: bool) -> tuple[State, dict[str, jax.Array]]:
+               dropout: bool, adversarial: AdversarialSpec = PLAIN) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step of next-token prediction; the loss is the mean over all counted tokens of the
-    whole batch (see `accumulated_update`)."""
-    return _lm_update(state, batch, graphdef, tx, dropout, lambda params, rng: params)
+    whole batch (see `accumulated_update`), under `adversarial` training if enabled."""
+    return _lm_update(state, batch, graphdef, tx, dropout, lambda params, rng: params, adversarial)
 
 
 def init_lora_state(base: Params, lora: LoraSpec, family: str, tx: optax.GradientTransformation, seed: int) -> State:
@@ -80,20 +82,30 @@ def init_lora_state(base: Params, lora: LoraSpec, family: str, tx: optax.Gradien
 
 def lora_train_step(state: State, base: Params, batch: Batch, *, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, dropout: bool,
-                    lora: LoraSpec) -> tuple[State, dict[str, jax.Array]]:
+                    lora: LoraSpec, adversarial: AdversarialSpec = PLAIN
+                    ) -> tuple[State, dict[str, jax.Array]]:
     """`train_step` of a LoRA run: the state's params are the adapters, attached to the frozen `base`, which is
     neither differentiated nor in the optimizer state."""
     attached = lambda adapters, rng: attach(base, adapters, lora, jax.random.fold_in(rng, 1))
-    return _lm_update(state, batch, graphdef, tx, dropout, attached)
+    return _lm_update(state, batch, graphdef, tx, dropout, attached, adversarial)
 
 
 def _lm_update(state: State, batch: Batch, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, dropout: bool,
-               model_params: Callable) -> tuple[State, dict[str, jax.Array]]:
+               model_params: Callable, adversarial: AdversarialSpec) -> tuple[State, dict[str, jax.Array]]:
     """The next-token step on the model parameters `model_params(state params, rng)`."""
 
-    def summed_loss(params, micro, rng):
+    def grad_fn(params, micro, rng):
         weights = loss_weights(micro)
-        losses = token_losses(model_params(params, rng), graphdef, micro, rng if dropout else None)
-        return (losses * weights).sum(), {"tokens": weights.sum()}
+        logits_of = lambda p, delta: batch_logits(model_params(p, rng), graphdef, micro, rng if dropout else None,
+                                                  delta)
 
-    return accumulated_update(state, batch, summed_loss, tx, count_key="tokens")
+        def objective(logits):
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"])
+            return (losses * weights).sum(), {"tokens": weights.sum()}
+
+        full = model_params(params, rng)
+        scale = embedding_rms(full)
+        return adversarial_grads(adversarial, logits_of, objective, params, micro, rng, scale,
+                                 full["embed"].shape[-1], weights)
+
+    return accumulated_update(state, batch, grad_fn, tx, count_key="tokens")
