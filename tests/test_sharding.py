@@ -88,6 +88,9 @@ STRATEGIES = {
 }
 STEPS, SAVED = 10, 5
 MIXED = ["model.dtype=bfloat16", "train.grad_accum=2"]  # mixed precision with gradient accumulation
+# adversarial training (FreeLB from random starts: ascent loop, RNG and accumulation inside the sharded step)
+ADVERSARIAL = ["train.adversarial.method=freelb", "train.adversarial.steps=2", "train.adversarial.init=random",
+               "train.grad_accum=2"]
 # float32: sharded runs differ from one device only in the order of cross-device sums (gradient
 # all-reduces, sharded matmul contractions), ~1e-7 relative per op; over 10 Adam steps the losses differ
 # by <= 2e-6 (measured), while one wrongly sharded or double-counted op moves them by > 1e-2.
@@ -116,11 +119,13 @@ def mesh_runs(tmp_path_factory) -> dict:
     moved = {"resume_from": "fsdp8", "resume_step": SAVED}
     eight = _run(out, 8, [{"name": n, "overrides": common + o} for n, o in STRATEGIES.items()]
                  + [{"name": "fsdp8_to_tp2dp4", "overrides": common + STRATEGIES["tp2dp4"], **moved},
-                    {"name": "mixed_dp2fsdp2tp2", "overrides": common + MIXED + STRATEGIES["dp2fsdp2tp2"]}])
+                    {"name": "mixed_dp2fsdp2tp2", "overrides": common + MIXED + STRATEGIES["dp2fsdp2tp2"]},
+                    {"name": "freelb_dp2fsdp2tp2", "overrides": common + ADVERSARIAL + STRATEGIES["dp2fsdp2tp2"]}])
     tokenizer = f"tokenizer.path={out / 'dp8' / 'tokenizer'}"
     one = _run(out, 1, [{"name": "single", "overrides": [*common, tokenizer, "mesh.data=1"]},
                         {"name": "fsdp8_to_single", "overrides": [*common, "mesh.data=1"], **moved},
-                        {"name": "mixed_single", "overrides": [*common, *MIXED, tokenizer, "mesh.data=1"]}])
+                        {"name": "mixed_single", "overrides": [*common, *MIXED, tokenizer, "mesh.data=1"]},
+                        {"name": "freelb_single", "overrides": [*common, *ADVERSARIAL, tokenizer, "mesh.data=1"]}])
     return {**eight, **one}
 
 
@@ -153,6 +158,12 @@ def test_fsdp_and_tensor_parallel_really_shard_the_state(mesh_runs):
     for name in STRATEGIES:  # the plan's arithmetic equals what the devices really hold
         b = mesh_runs[name]["bytes"]
         assert (b["param_bytes"], b["opt_bytes"]) == (b["plan_param_bytes"], b["plan_opt_bytes"]), name
+
+
+def test_adversarial_training_under_sharding(mesh_runs):
+    assert _losses(mesh_runs["freelb_dp2fsdp2tp2"]) == pytest.approx(_losses(mesh_runs["freelb_single"]),
+                                                                     abs=LOSS_TOL)
+    assert _losses(mesh_runs["freelb_single"]) != _losses(mesh_runs["single"])
 
 
 @pytest.mark.parametrize("target", ["fsdp8_to_tp2dp4", "fsdp8_to_single"])
