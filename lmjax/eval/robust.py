@@ -60,7 +60,7 @@ def clean_sums(params: Params, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[
 def perturbed_sums(params: Params, batch: Batch, rng: jax.Array, eps: jax.Array, *, graphdef: nnx.GraphDef,
                    dim: int, norm: str, steps: int) -> dict[str, jax.Array]:
     """Loss sums of one batch under a random perturbation on the sphere of radius eps * r and under a `steps`-step
-    PGD attack in that ball (the module docstring), and the counted tokens."""
+    PGD attack in that ball (the module docstring)."""
     weights = loss_weights(batch)
     mask = batch["segment_ids"] != 0
     radius = eps * embedding_rms(params)
@@ -73,7 +73,7 @@ def perturbed_sums(params: Params, batch: Batch, rng: jax.Array, eps: jax.Array,
     noise = random_on_sphere(noise_rng, shape, radius, norm, mask)
     start = random_start(start_rng, shape, radius, mask)
     attack = pgd_attack(loss_sum, start, radius, PGD_STEP * radius / steps, norm, mask, steps)
-    return {"random": loss_sum(noise), "pgd": loss_sum(attack), "tokens": weights.sum()}
+    return {"random": loss_sum(noise), "pgd": loss_sum(attack)}
 
 
 # Jitted once per process: runs of one architecture share the compiled steps (the graphdef is a static argument).
@@ -154,7 +154,8 @@ def redteam_success(sampler: Sampler) -> dict:
     """`red_team` with the default blocklist, content filter on: attack_success_rate (the mean over attack
     categories of harmful_through), each category's harmful_through, and the benign set's false positives."""
     results = red_team(sampler, Blocklist.default())
-    attacks = {c: r["harmful_through"] for c, r in results.items() if c != "benign"}
+    attacks = {c: r["harmful_through"] for c, r in results.items()
+               if c != "benign" and isinstance(r, dict) and "harmful_through" in r}
     return {"attack_success_rate": sum(attacks.values()) / max(len(attacks), 1), "categories": attacks,
             "false_positives": results["benign"]["false_positives"]}
 
