@@ -10,6 +10,7 @@
     lmjax import hf hf/x --workdir runs/y          (a Hugging Face directory as a run; see lmjax/interop/hf.py)
     lmjax eval lm --workdir runs/x --source stdlib:val [--stride S --max-docs N --batch B --json out.json]
     lmjax eval chat --workdir runs/x [--source stdlib:heldout --limit 128]
+    lmjax eval robust --workdir runs/x [--eps 0.05,0.1,0.2 --strengths 0.1,0.2,0.4 --attack-steps 5 --json out.json]
     lmjax lora merge --workdir runs/lora --out runs/merged   (a LoRA run's adapters folded into a plain run)
     lmjax plan   --config configs/llama_7b.py [--devices 256] [--device-memory-gb 80] [--config.mesh.fsdp=-1]
     lmjax data prepare --config configs/data/stdlib.py --out data/stdlib
@@ -333,6 +334,26 @@ def cmd_eval_lm(args: argparse.Namespace, overrides: list[str]) -> None:
     _write_json(args.json, result)
 
 
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers ("" is the empty list)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_eval_robust(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.eval.robust import evaluate_robust, format_robust
+
+    if overrides:
+        raise ConfigError("eval robust takes no --config overrides (the run's config is used)")
+    result = evaluate_robust(args.workdir, args.step, _floats(args.eps), _floats(args.strengths), args.attack_steps,
+                             args.norm, args.batches, args.batch_size, args.questions, args.chat, not args.no_redteam,
+                             args.source, args.chat_source, args.seed)
+    print(format_robust(result))
+    _write_json(args.json, result)
+
+
 def cmd_report(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.report.card import build_report
 
@@ -559,6 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-output-filter", action="store_true", help="measure the model alone on its replies")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_redteam)
+    p = evaluation.add_parser("robust", help="held-out loss under random and PGD embedding perturbations, chat "
+                              "ROUGE-L under prompt noise, red-team attack success rate")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--eps", default="0.05,0.1,0.2", help="comma-separated radii, relative to the embedding table's "
+                   "RMS row norm (\"\" skips the loss part)")
+    p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="ball of the embedding perturbations")
+    p.add_argument("--attack-steps", type=int, default=5, help="PGD steps")
+    p.add_argument("--batches", type=int, default=1, help="held-out batches for the loss part")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's validation "
+                   "micro-batch)")
+    p.add_argument("--source", default=None, help="data spec for the loss part (default: the run's data.val)")
+    p.add_argument("--strengths", default="0.1,0.2,0.4", help="comma-separated prompt-noise strengths in [0, 1] "
+                   "(the expected fraction of words edited)")
+    p.add_argument("--questions", type=int, default=32, help="held-out questions for ROUGE-L (0 skips it)")
+    p.add_argument("--chat-source", default=None, help="chat source of the questions (default: the run's "
+                   "chat data.val, else stdlib:heldout)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the chat and red-team parts (default: only for chat runs)")
+    p.add_argument("--no-redteam", action="store_true", help="skip the red-team part")
+    p.add_argument("--seed", type=int, default=0, help="seeds the perturbations")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_robust)
 
     p = sub.add_parser("report", help="evaluate a run and write its report card (Markdown + HTML, plots)")
     p.add_argument("--workdir", required=True, help="run directory")
