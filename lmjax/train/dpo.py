@@ -12,11 +12,16 @@ import optax
 from flax import nnx
 
 from lmjax.input.pairs import SIDES
-from lmjax.model.loss import Batch, batch_logits, loss_weights
+from lmjax.model.loss import Batch, batch_logits, loss_weights, token_losses
 from lmjax.model.params import Params
 from lmjax.model.perturb import embedding_rms
 from lmjax.train.adversarial import PLAIN, AdversarialSpec, adversarial_grads
 from lmjax.train.step import State, accumulated_update
+
+
+def sequence_logprobs(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
+    """Sum of the log-probabilities of the target tokens where loss_mask is 1, shape [batch]."""
+    return -(token_losses(params, graphdef, batch) * loss_weights(batch)).sum(-1)
 
 
 def _stack_sides(batch: Batch) -> Batch:
@@ -35,8 +40,7 @@ def _side_logprobs(logits: jax.Array, rows: Batch) -> tuple[jax.Array, jax.Array
 
 def _pair_logprobs(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) sequence log-probs of `params`."""
-    rows = _stack_sides(batch)
-    return _side_logprobs(batch_logits(params, graphdef, rows), rows)
+    return tuple(sequence_logprobs(params, graphdef, _stack_sides(batch)).reshape(-1, 2).T)
 
 
 def pair_terms(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
