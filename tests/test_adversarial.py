@@ -12,6 +12,7 @@ from conftest import tiny_config
 
 from lmjax.config import ConfigError, validate
 from lmjax.input.pairs import encode_pairs, pair_batches
+from lmjax.model.lora import LoraSpec
 from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, init_params
 from lmjax.model.perturb import (
@@ -27,7 +28,7 @@ from lmjax.train.adversarial import AdversarialSpec, symmetric_kl
 from lmjax.train.dpo import dpo_step
 from lmjax.train.loop import train
 from lmjax.train.optim import make_optimizer
-from lmjax.train.step import init_state, train_step
+from lmjax.train.step import init_lora_state, init_state, lora_train_step, train_step
 
 VOCAB, B, T, D = 512, 4, 16, 64
 
@@ -216,3 +217,18 @@ def test_config_refuses_bad_adversarial_knobs(override, message):
 def test_dpo_refuses_the_attack_methods():
     with pytest.raises(ConfigError, match="DPO supports neftune and smart"):
         validate(tiny_config("train.objective=dpo", "train.adversarial.method=pgd"))
+
+
+def test_lora_step_attacks_the_adapted_model():
+    """Under LoRA the attack and the ball use the frozen base's embeddings (the adapters have none)."""
+    cfg, graphdef = _model()
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"))
+    tx = make_optimizer(cfg.train)
+    state = init_lora_state(params, spec, "llama", tx, seed=0)
+    batch = _batch()
+    run = lambda adv: jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=False, lora=spec,
+                                                adversarial=adv))(state, params, batch)
+    (_, plain), (_, attacked) = run(AdversarialSpec()), run(AdversarialSpec("pgd", steps=2, eps=0.5, alpha=0.25))
+    assert np.isfinite(float(attacked["grad_norm"])) and float(attacked["grad_norm"]) > 0
+    assert float(attacked["loss"]) > float(plain["loss"]) + 0.01
