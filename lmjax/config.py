@@ -109,6 +109,7 @@ def base_config() -> ConfigDict:
     a.norm = "l2"  # the ball: "l2" (per token) or "linf" (per coordinate)
     a.weight = 1.0  # smart: weight of the KL term; pgd: share of the adversarial loss in (1 - w) clean + w adv
     a.init = "zero"  # where the ascent starts: "zero" or "random" (in the ball); smart always starts at random
+    a.scope = "tokens"  # which inputs move: "tokens" (every real token) or "loss_mask" (those whose target counts)
 
     c.data = d = ConfigDict()
     d.train = "stdlib"  # source spec (lmjax/data/sources.py), a prepared DIR, chat:stdlib | chat:GLOB; DPO: jsonl:GLOB
@@ -325,6 +326,7 @@ def _validate_adversarial(cfg: ConfigDict) -> None:
                                             f"got {a.method!r}")
     _check(a.norm in ("l2", "linf"), f"train.adversarial.norm must be l2|linf, got {a.norm!r}")
     _check(a.init in ("zero", "random"), f"train.adversarial.init must be zero|random, got {a.init!r}")
+    _check(a.scope in ("tokens", "loss_mask"), f"train.adversarial.scope must be tokens|loss_mask, got {a.scope!r}")
     _check(a.eps > 0 and a.alpha > 0, f"train.adversarial.eps and alpha must be positive, got {a.eps}, {a.alpha}")
     _check(a.steps >= 1, f"train.adversarial.steps must be >= 1, got {a.steps}")
     _check(a.weight >= 0 and (a.method != "pgd" or a.weight <= 1),

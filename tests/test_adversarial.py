@@ -24,7 +24,7 @@ from lmjax.model.perturb import (
     random_on_sphere,
     random_start,
 )
-from lmjax.train.adversarial import AdversarialSpec, symmetric_kl
+from lmjax.train.adversarial import AdversarialSpec, perturbable, symmetric_kl
 from lmjax.train.dpo import dpo_step
 from lmjax.train.loop import train
 from lmjax.train.optim import make_optimizer
@@ -99,6 +99,12 @@ def test_pgd_attack_finds_higher_loss_than_random_points_of_the_same_ball():
     attacked = float(loss_of(delta))
     assert float(_norms(delta, "l2").max()) <= float(radius) * (1 + 1e-5)
     assert attacked > max(randoms) + 0.05 and attacked > clean + 0.05, (clean, randoms, attacked)
+
+
+def test_scope_says_which_inputs_move():
+    rows = {"segment_ids": jnp.array([[1, 1, 1, 1, 0]]), "loss_mask": jnp.array([[0, 0, 1, 1, 0]])}
+    np.testing.assert_array_equal(perturbable(rows, "tokens"), [[True, True, True, True, False]])
+    np.testing.assert_array_equal(perturbable(rows, "loss_mask"), [[False, False, True, True, False]])
 
 
 def test_symmetric_kl_is_zero_on_equal_and_positive_on_different_logits():
@@ -208,6 +214,7 @@ def test_dpo_with_neftune_and_smart(shared_tokenizer):
     ("train.adversarial.norm=l1", "train.adversarial.norm must be l2|linf"),
     ("train.adversarial.steps=0", "steps must be >= 1"),
     ("train.adversarial.eps=0", "eps and alpha must be positive"),
+    ("train.adversarial.scope=prompt", "scope must be tokens|loss_mask"),
 ])
 def test_config_refuses_bad_adversarial_knobs(override, message):
     with pytest.raises(ConfigError, match=message):

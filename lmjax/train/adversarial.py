@@ -19,9 +19,10 @@ lmjax/model/perturb.py: per token, relative to the RMS norm r of the embedding t
   Cost: a clean forward, K ascent passes and two steps (clean and perturbed).
 
 Which positions count: the attack maximises the step's own objective (the loss-masked tokens in SFT, the DPO
-loss in DPO) and SMART's KL is weighted like the loss, but every real input token may be perturbed, prompt
-included (in SFT, the prompt is what perturbed-prompt robustness is about). Dropout, if on, uses the same mask in
-every pass of a micro-batch.
+loss in DPO) and SMART's KL is weighted like the loss. Which positions move is `scope`: "tokens" (the default)
+perturbs every real input token, prompt included (in SFT, the prompt is what perturbed-prompt robustness is
+about); "loss_mask" only the inputs whose next token counts in the loss (in SFT, the reply). Padding never
+moves. Dropout, if on, uses the same mask in every pass of a micro-batch.
 """
 
 from collections.abc import Callable
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from lmjax.model.loss import Batch
+from lmjax.model.loss import Batch, loss_weights
 from lmjax.model.params import Params
 from lmjax.model.perturb import ascend, neftune_noise, pgd_attack, project, random_start
 
@@ -50,10 +51,11 @@ class AdversarialSpec(NamedTuple):
     norm: str = "l2"
     weight: float = 1.0
     init: str = "zero"
+    scope: str = "tokens"
 
     @classmethod
     def from_config(cls, c: ConfigDict) -> "AdversarialSpec":
-        return cls(c.method, float(c.eps), float(c.alpha), int(c.steps), c.norm, float(c.weight), c.init)
+        return cls(c.method, float(c.eps), float(c.alpha), int(c.steps), c.norm, float(c.weight), c.init, c.scope)
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +63,13 @@ class AdversarialSpec(NamedTuple):
 
 
 PLAIN = AdversarialSpec()  # no adversarial training
+
+
+def perturbable(rows: Batch, scope: str) -> jax.Array:
+    """[rows, T] bool: the input positions that may move. "tokens": every real token; "loss_mask": only those
+    whose next token counts in the loss (in SFT, the reply's inputs; the prompt stays clean)."""
+    real = rows["segment_ids"] != 0
+    return real & (loss_weights(rows) > 0) if scope == "loss_mask" else real
 
 
 def symmetric_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
@@ -74,10 +83,10 @@ def adversarial_grads(spec: AdversarialSpec, logits_of: LogitsFn, objective: Obj
                       kl_weights: jax.Array) -> tuple[tuple[jax.Array, dict], Params]:
     """((loss sum, sums), gradients w.r.t. `params`) of one micro-batch under `spec.method`.
 
-    `rows` is the [rows, T] batch the model sees (its `segment_ids` say which positions are real tokens),
+    `rows` is the [rows, T] batch the model sees (`perturbable` says which of its positions may move),
     `scale` the embeddings' RMS norm r, and `kl_weights` [rows, T] how SMART's KL counts per position (on the
     scale of the objective's loss sum)."""
-    mask = rows["segment_ids"] != 0
+    mask = perturbable(rows, spec.scope)
     shape = (*rows["inputs"].shape, d_model)
     radius, step = spec.eps * scale, spec.alpha * scale
     loss_at = lambda p, delta: objective(logits_of(p, delta))

@@ -308,7 +308,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
 
     if (adv := t_cfg.adversarial).method != "none":
         log(f"adversarial training: {adv.method} (eps {adv.eps:g}, alpha {adv.alpha:g}, {adv.steps} step(s), "
-            f"{adv.norm}, weight {adv.weight:g}, init {adv.init})")
+            f"{adv.norm}, weight {adv.weight:g}, init {adv.init}, scope {adv.scope})")
     writer = MetricsWriter(wd.metrics_path, wd.tb_dir)
     try:
         with Checkpointer(wd.checkpoint_dir, t_cfg.keep_ckpts) as ckpt, use_rules(mesh, rules):
