@@ -16,7 +16,7 @@ lmjax/model/perturb.py: per token, relative to the RMS norm r of the embedding t
   over the K points; the ascent is "free". Cost: K steps.
 - smart (Jiang et al. 2020): loss on clean inputs + weight * symmetric KL between the clean and the perturbed
   next-token distributions, the perturbation found by K ascent steps on that KL from a random start.
-  Cost: a clean forward, K ascent passes and two steps (clean and perturbed).
+  Cost: K ascent passes and two steps (clean and perturbed; the attack reuses the clean forward pass).
 
 Which positions count: the attack maximises the step's own objective (the loss-masked tokens in SFT, the DPO
 loss in DPO) and SMART's KL is weighted like the loss. Which positions move is `scope`: "tokens" (the default)
@@ -135,14 +135,16 @@ def _freelb(spec, loss_at, params, start, radius, step, mask):
 
 
 def _smart(spec, logits_of, objective, params, start, radius, step, mask, kl_weights):
-    """Clean loss + weight * symmetric KL(clean, perturbed), the perturbation by ascent on that KL."""
-    clean = jax.lax.stop_gradient(logits_of(params, None))
-    divergence = lambda d: (symmetric_kl(clean, logits_of(params, d)) * kl_weights).sum()
+    """Clean loss + weight * symmetric KL(clean, perturbed), the perturbation by ascent on that KL. The clean
+    forward pass is run once: its logits serve the attack (as constants) and the objective (through its VJP)."""
+    clean, clean_vjp = jax.vjp(lambda p: logits_of(p, None), params)
+    fixed = jax.lax.stop_gradient(clean)
+    divergence = lambda d: (symmetric_kl(fixed, logits_of(params, d)) * kl_weights).sum()
     delta = pgd_attack(divergence, start, radius, step, spec.norm, mask, spec.steps)
 
-    def regularised(p):
-        logits = logits_of(p, None)
+    def regularised(logits, p):
         loss, sums = objective(logits)
         return loss + spec.weight * (symmetric_kl(logits, logits_of(p, delta)) * kl_weights).sum(), sums
 
-    return jax.value_and_grad(regularised, has_aux=True)(params)
+    value, (g_logits, g_params) = jax.value_and_grad(regularised, argnums=(0, 1), has_aux=True)(clean, params)
+    return value, jax.tree.map(jnp.add, g_params, clean_vjp(g_logits)[0])
