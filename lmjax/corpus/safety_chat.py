@@ -5,8 +5,9 @@ Held out by subject, within every category: the `HELDOUT_PER_CATEGORY` harmful r
 look-alikes with the lowest `hash_unit("safety:" + request)` are held out entirely, in every phrasing, so the
 held-out set measures whether refusing carries over to harmful requests (and answering to look-alikes) the model
 never saw, not just to new wordings of seen ones. Every category has held-out requests, so results can be read
-per category. Fine-tuning sees `TRAIN_TEMPLATES` of the phrasings of each training request (the templates are
-the same for harmful and benign requests); the evaluation (`lmjax eval safety`) asks every held-out request in
+per category. Fine-tuning sees `TRAIN_PHRASINGS[kind]` of the twelve phrasings of each training request (the
+templates are the same for harmful and benign requests; look-alikes get more, so that a phrasing never predicts
+a refusal and only the request does); the evaluation (`lmjax eval safety`) asks every held-out request in
 every phrasing; the chat dataset's held-out split carries one phrasing of each, for the validation loss.
 """
 
@@ -17,7 +18,7 @@ from lmjax.corpus.safety_phrasings import CATEGORIES, SAFETY_TEMPLATES
 from lmjax.text.io import hash_unit
 
 HELDOUT_PER_CATEGORY = 2
-TRAIN_TEMPLATES = 6
+TRAIN_PHRASINGS = {"harmful": 4, "benign": 6}
 KINDS = ("harmful", "benign")
 
 
@@ -66,13 +67,13 @@ def reply(prompt: SafetyPrompt, rng: random.Random) -> str:
 
 
 def safety_pairs(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """{"train", "heldout"} (question, reply) pairs: `TRAIN_TEMPLATES` phrasings (drawn by `rng`) of each
+    """{"train", "heldout"} (question, reply) pairs: `TRAIN_PHRASINGS` phrasings (drawn by `rng`) of each
     training request, one phrasing of each held-out request."""
     out: dict[str, list[tuple[str, str]]] = {}
-    for split, per_request in (("train", TRAIN_TEMPLATES), ("heldout", 1)):
+    for split in ("train", "heldout"):
         by_request: dict[tuple[str, str], list[SafetyPrompt]] = {}
         for p in safety_prompts(split):
             by_request.setdefault((p.category, p.request), []).append(p)
         out[split] = [(p.prompt, reply(p, rng)) for group in by_request.values()
-                      for p in rng.sample(group, per_request)]
+                      for p in rng.sample(group, TRAIN_PHRASINGS[group[0].kind] if split == "train" else 1)]
     return out

@@ -46,7 +46,7 @@ from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
 from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 3  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 4  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
