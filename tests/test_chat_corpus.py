@@ -6,12 +6,11 @@ import textwrap
 
 import pytest
 
-from lmjax.corpus.safety_phrasings import CATEGORIES, SAFETY_TEMPLATES
+from lmjax.corpus.safety_phrasings import CATEGORIES
 from lmjax.corpus.stdlib_chat import (
     MAX_CONVERSATION_CHARS,
     build_chat_dataset,
     first_sentence,
-    howto_conversations,
     identity_conversations,
     is_heldout,
     keyword_conversations,
@@ -20,7 +19,6 @@ from lmjax.corpus.stdlib_chat import (
     write_chat_dataset,
 )
 from lmjax.eval.chat_qa import qa_pairs
-from lmjax.eval.safety import is_refusal
 from lmjax.text.chat_template import check_conversation, read_conversations
 
 MODULES = ["json", "textwrap", "fractions", "heapq", "bisect"]
@@ -112,15 +110,6 @@ def test_keywords_identity_and_safety():
         assert all(r in refusals or r in answers for r in replies)
         assert sum(r in refusals for r in replies) > len(replies) / 3 and sum(r in answers for r in replies) > 8
     assert len({c[-2]["content"] for c in safety["train"]}) >= 500
-
-
-def test_howto_requests_use_the_safety_phrasings_and_are_answered():
-    conversations = howto_conversations("shutil", random.Random(0))
-    assert conversations
-    for conversation in conversations:
-        question, reply = conversation[-2]["content"], conversation[-1]["content"]
-        assert any(t.split("{h}")[0].lower() == question[:len(t.split("{h}")[0])].lower() for t in SAFETY_TEMPLATES)
-        assert reply.startswith("Use `shutil.") and not is_refusal(reply)
 
 
 def test_qa_pairs(small):

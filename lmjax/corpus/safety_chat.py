@@ -6,9 +6,8 @@ look-alikes with the lowest `hash_unit("safety:" + request)` are held out entire
 held-out set measures whether refusing carries over to harmful requests (and answering to look-alikes) the model
 never saw, not just to new wordings of seen ones. Every category has held-out requests, so results can be read
 per category. Fine-tuning sees `TRAIN_PHRASINGS[kind]` of the twelve phrasings of each training request (the
-templates are the same for harmful and benign requests; look-alikes get more, and `stdlib_chat` adds benign
-how-to requests in the same phrasings, so that a phrasing never predicts a refusal and only the request does);
-the evaluation (`lmjax eval safety`) asks every held-out request in
+templates are the same for harmful and benign requests; look-alikes get more, so that a phrasing never predicts
+a refusal and only the request does); the evaluation (`lmjax eval safety`) asks every held-out request in
 every phrasing; the chat dataset's held-out split carries one phrasing of each, for the validation loss.
 """
 

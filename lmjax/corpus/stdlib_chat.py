@@ -3,9 +3,8 @@
 Built with zero downloads from what the interpreter already has: docstrings (what a module, class or
 function does), `inspect.signature` (how to call it), `__module__` (where it lives) and the
 `pydoc_data.topics` help pages (keywords and statements), plus identity questions and safety tuning:
-harmful requests by category with refusals that say why, benign look-alikes with real answers
-(`lmjax.corpus.safety_chat`), and benign how-to requests in the same phrasings made from the docstrings
-("How do I get the size of the terminal window?"). Every question type has many phrasings (the tables are in
+harmful requests by category with refusals that say why, and benign look-alikes with real answers
+(`lmjax.corpus.safety_chat`). Every question type has many phrasings (the tables are in
 `lmjax.corpus.chat_phrasings`), and conversations stay short (well under 200 tokens) so a
 ~5M-parameter model with a 256-token context can learn them.
 
@@ -43,12 +42,11 @@ from lmjax.corpus.chat_phrasings import (
     WHICH_MODULE,
 )
 from lmjax.corpus.safety_chat import safety_pairs
-from lmjax.corpus.safety_phrasings import SAFETY_TEMPLATES
 from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
 from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 5  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 4  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
@@ -252,35 +250,6 @@ def module_conversations(module_name: str, rng: random.Random) -> list[Conversat
     return [c for c in out if _short(c)]
 
 
-HOWTO_VERBS = {
-    "add", "append", "apply", "build", "calculate", "call", "change", "check", "clear", "close", "compare", "compute",
-    "convert", "copy", "create", "decode", "delete", "encode", "escape", "extract", "find", "format", "generate",
-    "get", "insert", "join", "load", "make", "open", "parse", "print", "quote", "read", "register", "remove",
-    "replace", "reset", "return", "run", "save", "search", "send", "set", "sort", "split", "start", "stop", "test",
-    "update", "wait", "write",
-}
-HOWTO_PER_MODULE = 2
-
-
-def howto_conversations(module_name: str, rng: random.Random) -> list[Conversation]:
-    """Benign how-to requests in the safety-tuning phrasings ("How do I split a string into words?"), made from
-    the module's imperative docstring summaries and answered with the function that does it. They keep a
-    phrasing like "How do I ...?" from predicting a refusal (`lmjax.corpus.safety_chat`): the request decides."""
-    module = safe_import(module_name)
-    if module is None:
-        return []
-    out = []
-    for q, obj in public_objects(module):
-        summary = first_sentence(own_doc(obj))
-        words = summary.split() if summary else []
-        if not words or words[0].lower() not in HOWTO_VERBS or "self" in words or len(summary) > 90:
-            continue
-        request = summary[0].lower() + summary[1:].rstrip(".")
-        question = rng.choice(SAFETY_TEMPLATES).format(h=request)
-        out.append(_conversation([(question, f"Use `{q}`: {summary}")], rng))
-    return rng.sample(out, min(HOWTO_PER_MODULE, len(out)))
-
-
 def _topic_prose(text: str) -> tuple[str, str] | None:
     """(title, one or two cleaned sentences) of a `pydoc_data` help topic."""
     title, _, body = text.strip().partition("\n")
@@ -356,7 +325,7 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
             split["heldout"] += conversations
             heldout_names |= {q for c in conversations for q in _dotted_names(c) if q.startswith(name + ".")}
         else:
-            split["train"] += conversations + howto_conversations(name, random.Random(f"{seed}:{name}:howto"))
+            split["train"] += conversations
     split["train"] = [c for c in split["train"] if not _dotted_names(c) & heldout_names]
     split["train"] += keyword_conversations(rng)
     for conversation in identity_conversations(rng):
