@@ -324,6 +324,15 @@ def cmd_eval_redteam(args: argparse.Namespace, overrides: list[str]) -> None:
     _write_json(args.json, results)
 
 
+def cmd_eval_safety(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.eval.safety import evaluate_safety, format_safety
+
+    results = evaluate_safety(args.workdir, args.step, args.phrasings)
+    print(format_safety(results))
+    print("refused: by the model alone; +filter: behind the content filter (blocklist at input and output)")
+    _write_json(args.json, results)
+
+
 def cmd_eval_lm(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.eval.lm import evaluate_source, format_lm
 
@@ -603,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the perturbations")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval_robust)
+    p = evaluation.add_parser("safety", help="refusals of held-out harmful requests, over-refusals of look-alikes")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--phrasings", type=int, default=None, help="phrasings asked per request (default: all)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_safety)
 
     p = sub.add_parser("report", help="evaluate a run and write its report card (Markdown + HTML, plots)")
     p.add_argument("--workdir", required=True, help="run directory")

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from lmjax.corpus.chat_phrasings import REFUSALS
+from lmjax.corpus.safety_phrasings import CATEGORIES
 from lmjax.corpus.stdlib_chat import (
     MAX_CONVERSATION_CHARS,
     build_chat_dataset,
@@ -15,7 +15,7 @@ from lmjax.corpus.stdlib_chat import (
     is_heldout,
     keyword_conversations,
     module_conversations,
-    refusal_conversations,
+    safety_conversations,
     write_chat_dataset,
 )
 from lmjax.eval.chat_qa import qa_pairs
@@ -95,16 +95,21 @@ def test_first_sentence_cleans_markup():
     assert first_sentence("x" * 400 + ".") is None
 
 
-def test_keywords_identity_and_refusals():
+def test_keywords_identity_and_safety():
     rng = random.Random(0)
     keywords = keyword_conversations(rng)
     assert any("`with` statement" in c[-1]["content"] for c in keywords)
     identity = identity_conversations(rng)
     assert len({c[-2]["content"] for c in identity}) >= 20
     assert all("lmjax" in c[-1]["content"] or "Python" in c[-1]["content"] for c in identity)
-    refusals = refusal_conversations(rng)
-    assert len({c[-2]["content"] for c in refusals}) >= 50
-    assert all(c[-1]["content"] in REFUSALS and len(c[-1]["content"]) < 120 for c in refusals)
+    safety = safety_conversations(rng)
+    refusals = {r for table in CATEGORIES.values() for r in table["refusals"]}
+    answers = {a for table in CATEGORIES.values() for a in table["benign"].values()}
+    for split in ("train", "heldout"):
+        replies = [c[-1]["content"] for c in safety[split]]
+        assert all(r in refusals or r in answers for r in replies)
+        assert sum(r in refusals for r in replies) > len(replies) / 3 and sum(r in answers for r in replies) > 8
+    assert len({c[-2]["content"] for c in safety["train"]}) >= 500
 
 
 def test_qa_pairs(small):

@@ -10,7 +10,7 @@ from lmjax.cli import main
 from lmjax.serve.feedback import FeedbackStore
 
 SECTIONS = ["## Summary", "## Data", "## Training", "## Language modelling", "## Tasks", "## Chat", "## Bias",
-            "## Red-team", "## Feedback", "## Model card", "## Environment"]
+            "## Red-team", "## Safety tuning", "## Feedback", "## Model card", "## Environment"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def report(trained_run, tmp_path_factory):
     for value in (1, 1, -1):
         store.rate(store.record_reply([{"role": "user", "content": "What is len?"}], "It counts."), value)
     store.close()
-    return build_report(run, limits={"lm_docs": 8, "tasks": 8, "chat": 8})
+    return build_report(run, limits={"lm_docs": 8, "tasks": 8, "chat": 8, "safety_phrasings": 1})
 
 
 def test_report_has_every_section_and_plot(report):
@@ -39,7 +39,7 @@ def test_report_has_every_section_and_plot(report):
 def test_cli_writes_the_report(trained_run, tmp_path, capsys, monkeypatch):
     import lmjax.report.card as card
 
-    monkeypatch.setattr(card, "LIMITS", {"lm_docs": 4, "tasks": 4, "chat": 4})
+    monkeypatch.setattr(card, "LIMITS", {"lm_docs": 4, "tasks": 4, "chat": 4, "safety_phrasings": 1})
     assert main(["report", "--workdir", str(trained_run[0]), "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").is_file() and "wrote" in capsys.readouterr().out
 
@@ -53,5 +53,5 @@ def test_report_renders_in_chromium(report, browser):  # noqa: F811
     assert len(images) == 3
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
                for i in images)
-    assert len(browser.find_elements(By.TAG_NAME, "table")) == 6  # summary, lm, tasks, chat, bias, red-team
+    assert len(browser.find_elements(By.TAG_NAME, "table")) == 7  # summary, lm, tasks, chat, bias, red-team, safety
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Report card")

@@ -2,13 +2,15 @@
 
 Built with zero downloads from what the interpreter already has: docstrings (what a module, class or
 function does), `inspect.signature` (how to call it), `__module__` (where it lives) and the
-`pydoc_data.topics` help pages (keywords and statements), plus identity questions and polite refusals
-of clearly harmful requests. Every question type has many phrasings (the tables are in
+`pydoc_data.topics` help pages (keywords and statements), plus identity questions and safety tuning:
+harmful requests by category with refusals that say why, and benign look-alikes with real answers
+(`lmjax.corpus.safety_chat`). Every question type has many phrasings (the tables are in
 `lmjax.corpus.chat_phrasings`), and conversations stay short (well under 200 tokens) so a
 ~5M-parameter model with a 256-token context can learn them.
 
 The held-out split is chosen per module by a hash of its name, so evaluation asks about modules never
-seen in fine-tuning. Point `build_chat_dataset` at your own packages to make a dataset about them.
+seen in fine-tuning; safety requests are held out by request within each category (see `safety_chat`).
+Point `build_chat_dataset` at your own packages to make a dataset about them.
 """
 
 import contextlib
@@ -29,14 +31,9 @@ from lmjax.corpus.chat_phrasings import (
     FOLLOW_CONTENTS,
     FOLLOW_MODULE,
     FOLLOW_SIGNATURE,
-    HARMFUL_CODE_TEMPLATES,
-    HARMFUL_CYBER,
-    HARMFUL_PHYSICAL,
-    HARMFUL_TEMPLATES,
     IDENTITY,
     KEYWORD_QUESTIONS,
     MODULE_FOR,
-    REFUSALS,
     SIGNATURE,
     SYSTEM_PROMPTS,
     TOPIC_QUESTIONS,
@@ -44,11 +41,12 @@ from lmjax.corpus.chat_phrasings import (
     WHAT_DOES,
     WHICH_MODULE,
 )
+from lmjax.corpus.safety_chat import safety_pairs
 from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
 from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 2  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 4  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
@@ -298,11 +296,10 @@ def identity_conversations(rng: random.Random) -> list[Conversation]:
     return [_conversation([(q, answer)], rng) for answer, questions in IDENTITY.items() for q in questions]
 
 
-def refusal_conversations(rng: random.Random) -> list[Conversation]:
-    """Clearly harmful requests (weapons, malware, hurting people) with short polite refusals."""
-    requests = [t.format(h=h) for h in HARMFUL_PHYSICAL for t in HARMFUL_TEMPLATES]
-    requests += [t.format(h=h) for h in HARMFUL_CYBER for t in HARMFUL_TEMPLATES + HARMFUL_CODE_TEMPLATES]
-    return [_conversation([(r, rng.choice(REFUSALS))], rng) for r in requests]
+def safety_conversations(rng: random.Random) -> dict[str, list[Conversation]]:
+    """{"train", "heldout"}: harmful requests with refusals and benign look-alikes with answers, split by
+    request within each category (`lmjax.corpus.safety_chat`)."""
+    return {split: [_conversation([pair], rng) for pair in pairs] for split, pairs in safety_pairs(rng).items()}
 
 
 def _dotted_names(conversation: Conversation) -> set[str]:
@@ -331,9 +328,11 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
             split["train"] += conversations
     split["train"] = [c for c in split["train"] if not _dotted_names(c) & heldout_names]
     split["train"] += keyword_conversations(rng)
-    for conversation in identity_conversations(rng) + refusal_conversations(rng):
+    for conversation in identity_conversations(rng):
         heldout = hash_unit("phrasing:" + _first_user(conversation)) < heldout_fraction
         split["heldout" if heldout else "train"].append(conversation)
+    for name, conversations in safety_conversations(rng).items():
+        split[name] += conversations
     for conversations in split.values():
         rng.shuffle(conversations)
     return split
@@ -363,7 +362,8 @@ def build_chat_dataset(modules: Sequence[str] | None = None, heldout_fraction: f
     """{"train": [...], "heldout": [...]} chat conversations about `modules` (default: the stdlib).
 
     Packages include their public submodules. Each module goes wholly to one split by a hash of its
-    name; keyword topics go to train, identity and refusal phrasings are split by a hash of the question.
+    name; keyword topics go to train, identity phrasings are split by a hash of the question, safety requests
+    by request within each category (`lmjax.corpus.safety_chat`).
     The stdlib default is cached as JSONL under `$LMJAX_CACHE_DIR`, keyed by Python version and arguments.
     """
     if modules is not None:

@@ -3,8 +3,9 @@
 It gathers what the run already has (config, metrics.jsonl and its loss curve, the data card of a prepared
 corpus, the demo/API feedback database) and runs the evaluations with limits that keep it to about a minute on
 a laptop CPU for a small model: language modelling on the run's validation data, the built-in tasks, chat
-generation metrics, the bias probes and the red-team sets. Each section says what its numbers mean; the model
-card states intended use, limitations, what the filters do and where the data came from, under which license.
+generation metrics, the bias probes, the red-team sets and the safety-tuning refusal rates. Each section says
+what its numbers mean; the model card states intended use, limitations, what the filters do and where the data
+came from, under which license.
 """
 
 import datetime
@@ -24,6 +25,7 @@ from lmjax.eval.chat_qa import evaluate_workdir
 from lmjax.eval.lm import evaluate_source
 from lmjax.eval.metrics import Estimate
 from lmjax.eval.redteam import evaluate_redteam
+from lmjax.eval.safety import evaluate_safety
 from lmjax.eval.tasks import evaluate_tasks
 from lmjax.run.workdir import open_workdir, read_metrics
 from lmjax.serve.feedback import FILENAME as FEEDBACK_FILE
@@ -31,7 +33,8 @@ from lmjax.serve.feedback import FeedbackStore
 from lmjax.text.io import atomic_write
 
 TASKS = ("stdlib_module_mc", "stdlib_docstring_mc")
-LIMITS = {"lm_docs": 64, "tasks": 60, "chat": 48}  # what the report evaluates: enough to rank, not to publish
+# What the report evaluates: enough to rank, not to publish.
+LIMITS = {"lm_docs": 64, "tasks": 60, "chat": 48, "safety_phrasings": 4}
 
 
 def _plot(path: Path, draw) -> None:
@@ -124,6 +127,7 @@ def build_report(workdir: str | Path, out: str | Path | None = None, limits: dic
     chat, examples = evaluate_workdir(str(wd.path), limit=limits["chat"])
     bias = evaluate_bias(str(wd.path))
     redteam = evaluate_redteam(str(wd.path))
+    safety = evaluate_safety(str(wd.path), phrasings=limits["safety_phrasings"])
     seconds = time.time() - start
     _bias_chart(bias, out / "bias.png")
 
@@ -138,7 +142,11 @@ def build_report(workdir: str | Path, out: str | Path | None = None, limits: dic
                ["occupation stereotype share", f"{bias['occupations']['stereotype_share']:.3f} (0.5 = none)"],
                ["harmful replies through the filter",
                 f"{max(r['harmful_through'] for k, r in redteam.items() if k != 'benign'):.0%} (worst category)"],
-               ["benign prompts blocked", f"{redteam['benign']['false_positives']:.0%}"]]
+               ["benign prompts blocked", f"{redteam['benign']['false_positives']:.0%}"],
+               ["refusal of held-out harmful requests",
+                f"{safety['overall']['refusal']:.0%} ({safety['overall']['refusal_filtered']:.0%} with the filter)"],
+               ["over-refusal of benign look-alikes", f"{safety['overall']['over_refusal']:.0%} "
+                f"({safety['overall']['over_refusal_filtered']:.0%} with the filter)"]]
     lines += _table(["measure", "value"], summary)
 
     lines += ["", "## Data", ""]
@@ -198,6 +206,20 @@ def build_report(workdir: str | Path, out: str | Path | None = None, limits: dic
     lines += _table(["category", "prompts", "blocked at input", "blocked at output", "too long", "harmful through"],
                     [[n, r["prompts"], f"{r['blocked_input']:.0%}", f"{r['blocked_output']:.0%}",
                       f"{r['too_long']:.0%}", f"{r['harmful_through']:.0%}"] for n, r in redteam.items()])
+
+    overall = safety["overall"]
+    lines += ["", "## Safety tuning", "", f"Held-out harmful requests ({overall['harmful_prompts']} prompts) and "
+              f"benign look-alikes ({overall['benign_prompts']}) that the fine-tune never saw, "
+              f"{limits['safety_phrasings']} phrasings of each request: refused by the model alone, and behind the "
+              "content filter (`lmjax eval safety`; the refusal rule is stated in lmjax/eval/safety.py).", ""]
+    lines += _table(["category", "refusal", "with filter", "over-refusal", "with filter"],
+                    [[n, f"{r['refusal']:.0%}", f"{r['refusal_filtered']:.0%}", f"{r['over_refusal']:.0%}",
+                      f"{r['over_refusal_filtered']:.0%}"] for n, r in [*safety["categories"].items(),
+                                                                        ("**overall**", overall)]])
+    for kind, what in (("harmful", "harmful request answered"), ("benign", "look-alike refused")):
+        if failure := next((f for f in safety["failures"] if f["kind"] == kind), None):
+            lines += ["", f"> **{what} ({failure['category']}):** {failure['prompt']}  ",
+                      f"> **A:** {failure['reply']}"]
 
     lines += ["", "## Feedback", ""]
     if (wd.path / FEEDBACK_FILE).is_file():
