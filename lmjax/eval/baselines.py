@@ -17,8 +17,12 @@ def unigram_bpb(train_chunks: list[np.ndarray], val_chunks: list[np.ndarray], to
     smoothing): what a model that ignores context achieves. Counts the same targets as the model's
     validation loss (only the assistant's tokens in chat data)."""
     vocab = len(token_bytes)
-    return unigram_bpb_from_counts(np.bincount(_targets(train_chunks), minlength=vocab),
-                                   np.bincount(_targets(val_chunks), minlength=vocab), token_bytes)
+    return unigram_bpb_from_counts(target_counts(train_chunks, vocab), target_counts(val_chunks, vocab), token_bytes)
+
+
+def target_counts(chunks: list[np.ndarray], vocab: int) -> np.ndarray:
+    """How often each token id is a counted prediction target in `chunks`."""
+    return np.bincount(_targets(chunks), minlength=vocab)
 
 
 def unigram_bpb_from_counts(train_counts: np.ndarray, val_counts: np.ndarray, token_bytes: np.ndarray) -> float:
