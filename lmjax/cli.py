@@ -250,6 +250,24 @@ def cmd_data_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
     card = prepare(cfg, args.out)
     print(f"prepared {card['documents_out']} documents ({card['tokens_out']} tokens) into {args.out}; "
           f"card: {args.out}/card.md")
+    if cfg.tokens.seq_len:
+        from lmjax.input.specs import tokenize_prepared
+
+        tokenize_prepared(args.out, cfg.tokens.seq_len, cfg.tokens.workers)
+
+
+def cmd_data_tokenize(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmjax.input.specs import tokenize_prepared, tokenize_sources
+    from lmjax.text.tokenizer import load_tokenizer
+
+    if args.prepared:
+        if args.source or args.out:
+            raise ConfigError("--prepared writes DIR/tokens with DIR's tokenizer: give no --source or --out")
+        tokenize_prepared(args.prepared, args.seq_len, args.workers)
+        return
+    if not (args.source and args.tokenizer and args.out):
+        raise ConfigError("give --prepared DIR, or --source SPEC, --tokenizer DIR and --out DIR")
+    tokenize_sources(args.source, args.val, load_tokenizer(args.tokenizer), args.seq_len, args.out, args.workers)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -535,6 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="data config file (configs/data/*.py); default: all defaults")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("tokenize", help="write token shards (what training reads) of a prepared directory or a "
+                        "raw source")
+    p.add_argument("--prepared", help="a `data prepare` directory: writes DIR/tokens with its tokenizer")
+    p.add_argument("--source", help="raw data spec for the train split (documents or chat:...)")
+    p.add_argument("--val", default="", help="raw data spec for the val split (optional)")
+    p.add_argument("--tokenizer", help="tokenizer directory (with --source)")
+    p.add_argument("--out", help="output directory (with --source)")
+    p.add_argument("--seq-len", type=int, required=True, help="model.seq_len of the runs that read them")
+    p.add_argument("--workers", type=int, default=2, help="tokenizing processes")
+    p.set_defaults(func=cmd_data_tokenize)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a SentencePiece tokenizer on a source")

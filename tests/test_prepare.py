@@ -11,10 +11,11 @@ from conftest import tiny_config
 
 import lmjax.corpus.prepare as prepare_module
 from lmjax.cli import main
-from lmjax.config import load_config
+from lmjax.config import DataError, load_config
 from lmjax.corpus.prepare import prepare, prepare_config
 from lmjax.corpus.shards import iter_split, shard_paths
 from lmjax.corpus.sources import read_documents
+from lmjax.input.specs import tokenize_prepared
 
 WORDS = ("parser reads each line input file splits fields returns list records errors reported number empty "
          "lines skipped comments start hash sign value object method class module function argument default "
@@ -192,11 +193,19 @@ def test_training_reads_a_prepared_directory(tmp_path):
     cfg.update(workers=1)
     cfg.tokenizer.vocab_size = 512
     prepare(cfg, out, log=lambda _: None)
+    tokenize_prepared(out, 32, workers=1, log=lambda _: None)
     from lmjax.train.loop import train
 
-    result = train(tiny_config("train.steps=24", "train.eval_every=0", "train.samples=", f"data.train={out}",
-                               f"data.val={out}:val", "tokenizer.path="), tmp_path / "run")
+    overrides = ("train.steps=24", "train.eval_every=0", "train.samples=", f"data.train={out}", f"data.val={out}:val",
+                 "tokenizer.path=")
+    with pytest.raises(DataError, match="chunked for seq_len 32, this run has model.seq_len 64"):
+        train(tiny_config(*overrides), tmp_path / "refused")
+    assert tokenize_prepared(out, 64, workers=1, log=lambda _: None)["seq_len"] == 64
+    result = train(tiny_config(*overrides), tmp_path / "run")
     assert result["step"] == 24
+    manifest, card = (json.loads((out / name).read_text()) for name in ("tokens/manifest.json", "card.json"))
+    assert {k: v["tokens"] for k, v in manifest["splits"].items()} == \
+        {k: card["tokens_out"][k] + card["documents_out"][k] for k in ("train", "val")}, "the card's tokens + eos"
     # bits per byte of knowing nothing (uniform over the 512 tokens): val_bpb scaled as ln(512) is to val_loss
     uniform_bpb = math.log(512) * result["val_bpb"] / result["val_loss"]
     assert result["val_bpb"] < (uniform_bpb + result["unigram_bpb"]) / 2, result  # half way to the unigram baseline

@@ -30,18 +30,21 @@
 #
 # Needs: `make quickstart` once (the venv), then `.venv/bin/pip install -c requirements.lock 'jax[cuda12]'`,
 # Parquet shards of a text dataset in /data/web/ and chat conversations as JSONL in /data/chat/ (see configs).
-# The web and stdlib corpora are prepared (cleaned, deduplicated) each on its own and mixed 98:2 by documents
-# while training, with the web corpus's tokenizer (configs/data/web.py says why).
+# The web and stdlib corpora are prepared (cleaned, deduplicated) each on its own, then mixed 98:2 by documents
+# into token shards with the web corpus's tokenizer (configs/data/web.py says why).
 set -euo pipefail
 LMJAX=.venv/bin/lmjax
 MESH="--config.mesh.data=1 --config.mesh.fsdp=8"
 
 $LMJAX data prepare --config configs/data/web.py --out /data/prepared/web
 $LMJAX data prepare --config configs/data/stdlib.py --out /data/prepared/stdlib
+# Token shards of the mixture, cut for llama_1b's seq_len: training reads them record by record.
+$LMJAX data tokenize --source 'mix/cycle:/data/prepared/web@0.98|/data/prepared/stdlib@0.02' \
+  --val /data/prepared/web:val --tokenizer /data/prepared/web/tokenizer --seq-len 2048 --workers 16 \
+  --out /data/tokens/web-mix-2048
 $LMJAX train --config configs/llama_1b.py --workdir runs/llama_1b $MESH --config.train.grad_accum=4 \
-  --config.model.vocab_size=0 --config.tokenizer.path=/data/prepared/web/tokenizer \
-  --config.data.train='mix/cycle:/data/prepared/web@0.98|/data/prepared/stdlib@0.02' \
-  --config.data.val=/data/prepared/web:val
+  --config.model.vocab_size=0 --config.data.train=/data/tokens/web-mix-2048 \
+  --config.data.val=/data/tokens/web-mix-2048:val
 $LMJAX train --config configs/sft_1b.py --config.init_from=runs/llama_1b --workdir runs/sft_1b $MESH \
   --config.model.vocab_size=0 --config.data.train='chat:/data/chat/*.jsonl'
 $LMJAX eval chat --workdir runs/llama_1b

@@ -47,14 +47,17 @@ on_all "git clone $REPO lmjax && cd lmjax && python3.11 -m venv .venv && \
   sudo mkdir -p $MNT && sudo chown \$USER $MNT && gcsfuse --implicit-dirs $BUCKET $MNT"
 
 # 2. Prepare the corpora once (one host is enough; the shards land in the bucket): the web and stdlib corpora
-#    each on its own, mixed 98:2 by documents while training (configs/data/web.py says why).
+#    each on its own, then their 98:2 mixture (configs/data/web.py says why) tokenized into token shards for
+#    seq_len 4096, which every host reads record by record (its own loaders' indices only).
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=0 --command \
   "cd lmjax && .venv/bin/lmjax data prepare --config configs/data/web.py --out $MNT/data/web && \
-  .venv/bin/lmjax data prepare --config configs/data/stdlib.py --out $MNT/data/stdlib"
+  .venv/bin/lmjax data prepare --config configs/data/stdlib.py --out $MNT/data/stdlib && \
+  .venv/bin/lmjax data tokenize --source 'mix/cycle:$MNT/data/web@0.98|$MNT/data/stdlib@0.02' \
+    --val $MNT/data/web:val --tokenizer $MNT/data/web/tokenizer --seq-len 4096 --workers 32 \
+    --out $MNT/data/tokens-4096"
 
 # 3. Train on all hosts at once. Rerunning the same command after a preemption resumes exactly;
 #    data.loaders=64 fixes the data order, so the run can also resume on a slice with fewer hosts.
 on_all "cd lmjax && .venv/bin/lmjax train --config configs/llama_7b.py --workdir $MNT/runs/llama_7b \
-  --config.data.train='mix/cycle:$MNT/data/web@0.98|$MNT/data/stdlib@0.02' --config.data.val=$MNT/data/web:val \
-  --config.tokenizer.path=$MNT/data/web/tokenizer --config.data.loaders=64 \
+  --config.data.train=$MNT/data/tokens-4096 --config.data.val=$MNT/data/tokens-4096:val --config.data.loaders=64 \
   --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.vocab_size=0"

@@ -13,6 +13,7 @@ doc_lengths.png) accounts for every input document.
     DIR/train/train-00000.arrayrecord ...   one cleaned document per record (UTF-8)
     DIR/val/val-00000.arrayrecord ...
     DIR/tokenizer/tokenizer.model
+    DIR/tokens/                             token shards for tokens.seq_len (written by the CLI after `prepare`)
     DIR/card.json, DIR/card.md, DIR/doc_lengths.png
     DIR/progress.json, DIR/dedup/{exact,near}-NNNNN.npz   resume state (indexes after NNNNN chunks)
 """
@@ -59,6 +60,9 @@ def prepare_config() -> ConfigDict:
     c.tokenizer = ConfigDict()
     c.tokenizer.kind = "bpe"  # SentencePiece model type trained on the train split: bpe | unigram | char
     c.tokenizer.vocab_size = 4096  # its vocabulary size
+    c.tokens = ConfigDict()  # token shards in DIR/tokens (what training reads; `lmjax data prepare` CLI only)
+    c.tokens.seq_len = 256  # model.seq_len of the runs that read them; 0 = write none (`lmjax data tokenize` later)
+    c.tokens.workers = 2  # tokenizing processes
     return c
 
 

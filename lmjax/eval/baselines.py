@@ -17,8 +17,21 @@ def unigram_bpb(train_chunks: list[np.ndarray], val_chunks: list[np.ndarray], to
     smoothing): what a model that ignores context achieves. Counts the same targets as the model's
     validation loss (only the assistant's tokens in chat data)."""
     vocab = len(token_bytes)
-    counts = np.ones(vocab, np.float64) + np.bincount(_targets(train_chunks), minlength=vocab)[:vocab]
+    return unigram_bpb_from_counts(target_counts(train_chunks, vocab), target_counts(val_chunks, vocab), token_bytes)
+
+
+def target_counts(chunks: list[np.ndarray], vocab: int) -> np.ndarray:
+    """How often each token id is a counted prediction target in `chunks`."""
+    return np.bincount(_targets(chunks), minlength=vocab)
+
+
+def unigram_bpb_from_counts(train_counts: np.ndarray, val_counts: np.ndarray, token_bytes: np.ndarray) -> float:
+    """`unigram_bpb` from the targets' counts per token id (as token shards' manifests keep them)."""
+    vocab = len(token_bytes)
+    counts = np.ones(vocab, np.float64)
+    counts[: min(vocab, len(train_counts))] += train_counts[:vocab]
     log2_p = np.log2(counts / counts.sum())
-    val_targets = _targets(val_chunks)
-    total_bytes = token_bytes[val_targets].sum()
-    return float(-log2_p[val_targets].sum() / max(total_bytes, 1)) if len(val_targets) else math.nan
+    val = np.zeros(vocab, np.float64)
+    val[: min(vocab, len(val_counts))] = val_counts[:vocab]
+    total_bytes = (val * token_bytes).sum()
+    return float(-(val * log2_p).sum() / max(total_bytes, 1)) if val.sum() else math.nan

@@ -27,9 +27,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, DataError, LmjaxError
-from lmjax.eval.baselines import unigram_bpb
+from lmjax.eval.baselines import target_counts, unigram_bpb_from_counts
 from lmjax.input.packing import deal_rows
-from lmjax.input.specs import load_chunks, load_sequences
+from lmjax.input.specs import load_sequences, open_chunks
 from lmjax.model.loss import Batch, loss_weights, token_losses
 from lmjax.model.params import Params
 from lmjax.run.restore import restore_model
@@ -139,10 +139,12 @@ def run_unigram_bpb(cfg: ConfigDict, tokenizer: Tokenizer, sequences: list[np.nd
     where it came from; (None, why) when the run's data.train cannot be read here (a relative path from
     another directory, an imported model, preference pairs)."""
     try:
-        train_chunks = load_chunks(cfg.data.train, tokenizer, cfg.model.seq_len)
+        train_counts = open_chunks(cfg.data.train, tokenizer, cfg.model.seq_len, log=lambda _: None).unigram
     except LmjaxError as e:
         return None, f"unavailable: the run's data.train {cfg.data.train!r} cannot be read ({e})"
-    return unigram_bpb(train_chunks, sequences, tokenizer.token_bytes()), f"fitted on data.train {cfg.data.train}"
+    token_bytes = tokenizer.token_bytes()
+    return (unigram_bpb_from_counts(train_counts, target_counts(sequences, len(token_bytes)), token_bytes),
+            f"fitted on data.train {cfg.data.train}")
 
 
 def evaluate_source(workdir: str, source: str, step: int | None = None, stride: int | None = None,

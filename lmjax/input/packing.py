@@ -12,6 +12,7 @@ A chunk is an int32 array of tokens [n], or [2, n] of tokens and a per-token los
 """
 
 import itertools
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -53,16 +54,22 @@ def _packed(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuff
     return ds.map(_to_row)
 
 
-def _check_chunks(chunks: list[np.ndarray], seq_len: int) -> None:
-    if not chunks:
+def _check_chunks(chunks: Sequence[np.ndarray], seq_len: int) -> None:
+    """DataError for no chunks, ValueError for a chunk too long; token shards (which carry the seq_len they
+    were cut for) are checked by that, not read."""
+    if not len(chunks):
         raise DataError("no token chunks: the data source produced no documents")
+    if hasattr(chunks, "seq_len"):
+        if chunks.seq_len != seq_len:
+            raise ValueError(f"the chunks were cut for seq_len {chunks.seq_len}, not {seq_len}")
+        return
     longest = max(c.shape[-1] for c in chunks)
     if longest > seq_len + 1:
         raise ValueError(f"a chunk has {longest} tokens, more than seq_len + 1 = {seq_len + 1}")
 
 
 def train_iterator(
-    chunks: list[np.ndarray],
+    chunks: Sequence[np.ndarray],
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -71,6 +78,7 @@ def train_iterator(
 ) -> grain.DatasetIterator:
     """Endless iterator of packed [batch_size, seq_len] batches of data loader `loader_index`.
 
+    `chunks` is a list or a random-access source (lmjax/input/tokens.py: `TokenChunks`), read by index.
     The chunks are sharded by loader ([loader_index::loader_count]), reshuffled
     every epoch from `seed`, first-fit packed into rows and batched. The iterator
     supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
@@ -86,7 +94,7 @@ def train_iterator(
 
 
 def eval_batches(
-    chunks: list[np.ndarray],
+    chunks: Sequence[np.ndarray],
     seq_len: int,
     batch_size: int,
     num_batches: int,
@@ -95,7 +103,7 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """Deterministic evaluation batches (no shuffling), at most `num_batches` of them.
 
-    All chunks are packed in order, then packed rows are dealt out to processes
+    Chunks are read and packed in order until there are enough rows, then packed rows are dealt out to processes
     ([process_index::process_count]); every process gets the same number of batches,
     the last one padded with all-zero rows where the data runs out.
     """

@@ -6,12 +6,14 @@
     chat:stdlib[:heldout]      the embedded chat dataset (conversations, loss on the assistant's replies)
     chat:GLOB                  conversations from JSONL files ({"messages": [{"role", "content"}, ...]})
     pairs:GLOB                 preference pairs from JSONL ({"prompt", "chosen", "rejected"}), for DPO
+    DIR[:SPLIT]                token shards (`lmjax data tokenize`, lmjax/input/tokens.py): documents or chat
 """
 
+import functools
 import glob
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,10 +21,11 @@ import numpy as np
 
 from lmjax.config import DataError
 from lmjax.corpus.cda import counterfactual
-from lmjax.corpus.shards import parse_prepared
+from lmjax.corpus.shards import SPLITS, iter_split, parse_prepared
 from lmjax.corpus.sources import read_documents
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
 from lmjax.input.pairs import Pair, read_pairs
+from lmjax.input.tokens import TokenChunks, cached_tokens, open_tokens, read_manifest, write_tokens
 from lmjax.text.chat_template import Message, read_conversations
 from lmjax.text.tokenizer import Tokenizer
 
@@ -59,22 +62,65 @@ def read_chat(source: str) -> list[list[Message]]:
     return [c for path in files for c in read_conversations(path)]
 
 
-def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False) -> list[np.ndarray]:
-    """Training chunks of a documents or chat spec (chat: assistant-only loss). With `cda`, each document or
-    conversation that has gendered words comes again with them swapped (counterfactual data augmentation)."""
-    kind, source = parse_spec(spec)
-    if kind == "pairs":
-        raise DataError(f"data spec {spec!r} holds preference pairs, which only train.objective=dpo reads")
+def _items(kind: str, source: str, cda: bool) -> Iterable:
+    """The documents or conversations of a raw spec. With `cda`, each document or conversation that has
+    gendered words comes again with them swapped (counterfactual data augmentation)."""
     if kind == "chat":
         conversations = read_chat(source)
         if cda:
             swapped = ([{**m, "content": counterfactual(m["content"])} for m in c] for c in conversations)
             conversations += [s for s, c in zip(swapped, conversations, strict=True) if s != c]
-        return tokenize_conversations(conversations, tokenizer, seq_len)
+        return conversations
     documents = read_documents(source)
     if cda:
         documents = (text for doc in documents for text in dict.fromkeys([doc, counterfactual(doc)]))
-    return tokenize_documents(documents, tokenizer, seq_len)
+    return documents
+
+
+def token_shards(spec: str) -> tuple[Path, str] | None:
+    """(directory, split) of the token shards a spec names: a token-shard directory `DIR[:SPLIT]` (default
+    split: train, or its only one), or a prepared directory `DIR[:train|:val]` that has them in DIR/tokens."""
+    base, _, split = spec.rpartition(":")
+    for directory, name in ((base, split), (spec, "")) if base else ((spec, ""),):
+        manifest = read_manifest(directory) if directory else None
+        if manifest is not None:
+            names = list(manifest["splits"])
+            return Path(directory), name or ("train" if "train" in names or len(names) != 1 else names[0])
+    prepared = parse_prepared(spec)
+    if prepared and read_manifest(prepared[0] / "tokens") is not None:
+        return prepared[0] / "tokens", prepared[1]
+    return None
+
+
+def open_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False, workers: int = 1,
+                log: Callable = print) -> TokenChunks:
+    """Training chunks of a documents or chat spec (chat: assistant-only loss), read lazily from token shards:
+    those the spec names, or, for a raw spec (or `cda`), those it is tokenized into in the cache the first
+    time (lmjax/input/tokens.py)."""
+    kind, source = parse_spec(spec)
+    if kind == "pairs":
+        raise DataError(f"data spec {spec!r} holds preference pairs, which only train.objective=dpo reads")
+    shards = token_shards(spec) if kind == "documents" else None
+    if shards and not cda:
+        return open_tokens(*shards, tokenizer, seq_len)
+    if shards:
+        raise DataError(f"data.cda augments raw text, but {spec} holds token shards; use the prepared directory "
+                        "or the raw source they were made from")
+    return cached_tokens(spec, lambda: _items(kind, source, cda), tokenizer, seq_len, kind, cda, workers, log)
+
+
+def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False) -> list[np.ndarray]:
+    """Training chunks of a documents or chat spec (chat: assistant-only loss), in memory (see `_items` for
+    `cda`); a token-shard spec is read whole."""
+    kind, source = parse_spec(spec)
+    if kind == "pairs":
+        raise DataError(f"data spec {spec!r} holds preference pairs, which only train.objective=dpo reads")
+    shards = token_shards(spec) if kind == "documents" and not cda else None
+    if shards:
+        return list(open_tokens(*shards, tokenizer, seq_len))
+    if kind == "chat":
+        return tokenize_conversations(_items(kind, source, cda), tokenizer, seq_len)
+    return tokenize_documents(_items(kind, source, cda), tokenizer, seq_len)
 
 
 def load_sequences(spec: str, tokenizer: Tokenizer, limit: int | None = None) -> list[np.ndarray]:
@@ -109,7 +155,37 @@ def texts(spec: str) -> Iterator[str]:
 
 
 def prepared_tokenizer(spec: str) -> Path | None:
-    """The tokenizer directory of a prepared-directory spec, else None."""
+    """The tokenizer directory of a token-shard or prepared-directory spec, else None."""
     kind, source = parse_spec(spec)
+    shards = token_shards(source) if kind == "documents" else None
+    if shards:
+        return shards[0] / "tokenizer"
     prepared = parse_prepared(source) if kind == "documents" else None
     return prepared[0] / "tokenizer" if prepared else None
+
+
+def tokenize_prepared(directory: str | Path, seq_len: int, workers: int = 2, log: Callable = print) -> dict:
+    """Writes the token shards of a `lmjax data prepare` directory (both splits, its own tokenizer) into
+    DIR/tokens, unless they are there already for this tokenizer and seq_len; returns their manifest."""
+    directory = Path(directory)
+    if parse_prepared(str(directory)) is None:
+        raise DataError(f"{directory} is not a `lmjax data prepare` directory (no card.json)")
+    tokenizer = Tokenizer.load(directory / "tokenizer")
+    existing = read_manifest(directory / "tokens")
+    if existing and (existing["tokenizer"], existing["seq_len"]) == (tokenizer.fingerprint, seq_len):
+        log(f"{directory / 'tokens'} already holds token shards for seq_len {seq_len}")
+        return existing
+    splits = {split: functools.partial(iter_split, directory, split) for split in SPLITS}
+    return write_tokens(directory / "tokens", splits, tokenizer, seq_len, "documents", str(directory), workers, log)
+
+
+def tokenize_sources(train: str, val: str, tokenizer: Tokenizer, seq_len: int, out: str | Path,
+                     workers: int = 2, log: Callable = print) -> dict:
+    """Writes the token shards of raw specs `train` (and `val`, if given) as splits train and val of `out`;
+    both documents, or both chat."""
+    specs = {"train": parse_spec(train), **({"val": parse_spec(val)} if val else {})}
+    kinds = {kind for kind, _ in specs.values()}
+    if "pairs" in kinds or len(kinds) > 1:
+        raise DataError(f"token shards hold documents or chat conversations, one kind per directory: got {kinds}")
+    splits = {split: functools.partial(_items, kind, source, False) for split, (kind, source) in specs.items()}
+    return write_tokens(out, splits, tokenizer, seq_len, kinds.pop(), train, workers, log)

@@ -16,12 +16,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
-from lmjax.eval.baselines import unigram_bpb
+from lmjax.eval.baselines import unigram_bpb_from_counts
 from lmjax.eval.lm import eval_step, jit_eval_step, lm_metrics
 from lmjax.input.loaders import Loaders
 from lmjax.input.packing import eval_batches, train_iterator
 from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, split_heldout
-from lmjax.input.specs import load_chunks, load_pairs
+from lmjax.input.specs import load_pairs, open_chunks
 from lmjax.model.lora import LoraSpec, attach
 from lmjax.text.tokenizer import Tokenizer
 from lmjax.train.adversarial import AdversarialSpec
@@ -65,12 +65,12 @@ def lm_objective(ctx: RunContext) -> Objective:
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
     start = time.time()
-    train_chunks = load_chunks(cfg.data.train, tokenizer, seq_len, cda=cfg.data.cda)
-    val_chunks = load_chunks(cfg.data.val, tokenizer, seq_len)
-    n_train_tokens = sum(c.shape[-1] - 1 for c in train_chunks)
-    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), "
-        f"{sum(c.shape[-1] - 1 for c in val_chunks):,} val tokens, tokenized in {time.time() - start:.1f}s")
-    baseline_bpb = unigram_bpb(train_chunks, val_chunks, tokenizer.token_bytes())
+    train_chunks = open_chunks(cfg.data.train, tokenizer, seq_len, cda=cfg.data.cda, log=log)
+    val_chunks = open_chunks(cfg.data.val, tokenizer, seq_len, log=log)
+    n_train_tokens = train_chunks.tokens
+    log(f"data: {n_train_tokens:,} train tokens ({len(train_chunks):,} chunks), {val_chunks.tokens:,} val tokens "
+        f"in token shards, opened in {time.time() - start:.1f}s")
+    baseline_bpb = unigram_bpb_from_counts(train_chunks.unigram, val_chunks.unigram, tokenizer.token_bytes())
     log(f"unigram baseline: val bpb {baseline_bpb:.3f}")
     fingerprint = {"data": cfg.data.train, "chunks": len(train_chunks), "tokens": n_train_tokens,
                    "tokenizer": tokenizer.fingerprint}
