@@ -2,25 +2,26 @@
 at matched steps and at matched wall-clock time, measured by `lmjax eval robust`.
 
     python experiments/quickstart.py --no-demo          # once: makes runs/quickstart/pretrain
-    python experiments/robustness.py [--pretrained runs/quickstart/pretrain] [--out runs/robustness]
+    python tools/bench/adversarial_cost.py --json runs/robustness/costs.json   # each method's step cost
+    python experiments/robustness.py [--pretrained runs/quickstart/pretrain] [--out runs/robustness] \
+        [--costs runs/robustness/costs.json] [--steps 100]
 
 Every run is configs/sft_tiny.py from the same pretrained weights with one `train.adversarial` setting (below,
 chosen a priori from the papers' defaults in lmjax's units, not tuned here). Matched steps: every method trains
 `--steps` steps. Matched wall-clock: a method that costs c plain steps per step trains round(steps / c) steps,
-with c measured from the matched-step runs' own throughput (runs of this script are sequential, so they share
-the machine alike). Each run is scored by `evaluate_robust` (lmjax/eval/robust.py): clean and perturbed-prompt
+c from tools/bench/adversarial_cost.py (`--costs`: its methods timed in interleaved rounds on this model's shapes,
+so a busy machine slows them alike; the runs' own throughput is not used, since other jobs come and go).
+Each run is scored by `evaluate_robust` (lmjax/eval/robust.py): clean and perturbed-prompt
 ROUGE-L at three strengths, held-out loss clean / random / PGD at eps 0.1, and the red-team attack success rate.
 Results go to OUT/results.json and a markdown table (OUT/results.md). Every run and score resumes.
 """
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from lmjax.config import apply_overrides, load_config
 from lmjax.eval.robust import evaluate_robust, summary
-from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.train.loop import train
 
 METHODS = {  # name -> train.adversarial overrides
@@ -30,24 +31,19 @@ METHODS = {  # name -> train.adversarial overrides
     "freelb": ["method=freelb", "steps=2", "eps=0.1", "alpha=0.05", "init=random"],
     "smart": ["method=smart", "steps=1", "eps=0.1", "alpha=0.05", "weight=1"],
 }
+BENCH_NAMES = {"none": "plain", "neftune": "neftune", "pgd": "pgd K=1 w=0.5", "freelb": "freelb K=2",
+               "smart": "smart K=1"}  # the same settings in tools/bench/adversarial_cost.py
 EPS, STRENGTHS, MIDDLE = (0.1,), (0.1, 0.2, 0.4), 0.2
 
 
 def finetune(pretrained: str, method: str, steps: int, workdir: Path) -> Path:
-    """The SFT run of `method` for `steps` steps (resumes or skips what is done)."""
+    """The SFT run of `method` for `steps` steps (resumes what is unfinished; a scored run is done)."""
+    if (workdir / "robust.json").exists():
+        return workdir
     overrides = [f"init_from={pretrained}", f"train.steps={steps}", "train.ckpt_every=1000"]
     overrides += [f"train.adversarial.{o}" for o in METHODS[method]]
     train(apply_overrides(load_config("configs/sft_tiny.py"), overrides), workdir)
     return workdir
-
-
-def seconds_per_step(workdir: Path) -> float:
-    """Median training seconds per step over the run's logged intervals (evaluation excluded)."""
-    wd = Workdir(workdir)
-    cfg = wd.load_config()
-    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
-    records = [r for r in read_metrics(wd.metrics_path) if "tokens_per_sec" in r]
-    return statistics.median(tokens_per_step / r["tokens_per_sec"] for r in records)
 
 
 def score(workdir: Path, questions: int) -> dict:
@@ -79,21 +75,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", default="runs/quickstart/pretrain", help="the pretrained run to fine-tune")
     parser.add_argument("--out", default="runs/robustness", help="directory of the runs and results")
-    parser.add_argument("--steps", type=int, default=200, help="SFT steps at matched steps")
+    parser.add_argument("--steps", type=int, default=100, help="SFT steps at matched steps")
+    parser.add_argument("--costs", default="runs/robustness/costs.json",
+                        help="tools/bench/adversarial_cost.py --json output: each method's cost in plain steps")
     parser.add_argument("--questions", type=int, default=64, help="held-out chat questions scored")
     args = parser.parse_args()
     if not (Path(args.pretrained) / "checkpoints").is_dir():
         raise SystemExit(f"{args.pretrained} is not a trained run: run `python experiments/quickstart.py --no-demo` "
                          "first, or pass --pretrained")
+    if not Path(args.costs).is_file():
+        raise SystemExit(f"no step costs at {args.costs}: run `python tools/bench/adversarial_cost.py --json "
+                         f"{args.costs}` first")
+    costs = json.loads(Path(args.costs).read_text())
     out = Path(args.out)
     rows = []
     for method in METHODS:
         run = finetune(args.pretrained, method, args.steps, out / f"{method}-steps")
-        rows.append({"run": f"{method} (steps)", "steps": args.steps, "cost": seconds_per_step(run),
+        rows.append({"run": f"{method} (steps)", "steps": args.steps, "cost": costs[BENCH_NAMES[method]],
                      "scores": score(run, args.questions)})
-    plain_s = rows[0]["cost"]
-    for row in rows:
-        row["cost"] /= plain_s
     for method, row in zip(list(METHODS)[1:], rows[1:], strict=True):
         steps = round(args.steps / row["cost"])
         if abs(steps - args.steps) <= args.steps // 20:

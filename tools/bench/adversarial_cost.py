@@ -7,10 +7,12 @@ round) so that a slower stretch of the machine hits them all alike; each figure 
 
     .venv/bin/python tools/bench/adversarial_cost.py                 # 5 rounds of 5 steps
     .venv/bin/python tools/bench/adversarial_cost.py --rounds 3 --steps 3 --dtype float32
+    .venv/bin/python tools/bench/adversarial_cost.py --json costs.json   # ratios for experiments/robustness.py
 """
 
 import argparse
 import functools
+import json
 import statistics
 import time
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
     parser.add_argument("--dtype", default="bfloat16", help="model.dtype")
+    parser.add_argument("--json", default=None, help="also write {method: cost in plain steps} to this file")
     args = parser.parse_args()
     cfg = apply_overrides(load_config("configs/tiny.py"), [f"model.dtype={args.dtype}", "model.vocab_size=4096"])
     graphdef, _, _ = abstract_model(cfg.model)
@@ -67,10 +70,15 @@ def main() -> None:
     print(f"tiny shapes ({cfg.model.num_layers} layers, d{cfg.model.d_model}, {t} tokens x {b}), {args.dtype}, "
           f"{jax.devices()[0].device_kind}; median of {args.rounds} rounds x {args.steps} steps")
     print(f"{'method':<16}{'ms/step':>9}{'x plain':>9}{'target':>8}  met")
+    ratios = {}
     for name, (_, k) in METHODS.items():
         ms = statistics.median(times[name])
-        ratio, target = ms / plain, k + 1
-        print(f"{name:<16}{1000 * ms:>9.1f}{ratio:>9.2f}{f'<= {target}':>8}  {'yes' if ratio <= target else 'NO'}")
+        ratios[name], target = ms / plain, k + 1
+        print(f"{name:<16}{1000 * ms:>9.1f}{ratios[name]:>9.2f}{f'<= {target}':>8}  "
+              f"{'yes' if ratios[name] <= target else 'NO'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ratios, f, indent=1)
 
 
 if __name__ == "__main__":
