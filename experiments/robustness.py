@@ -36,11 +36,12 @@ BENCH_NAMES = {"none": "plain", "neftune": "neftune", "pgd": "pgd K=1 w=0.5", "f
 EPS, STRENGTHS, MIDDLE = (0.1,), (0.1, 0.2, 0.4), 0.2
 
 
-def finetune(pretrained: str, method: str, steps: int, workdir: Path) -> Path:
-    """The SFT run of `method` for `steps` steps (resumes what is unfinished; a scored run is done)."""
+def finetune(pretrained: str, method: str, steps: int, workdir: Path, data: list[str]) -> Path:
+    """The SFT run of `method` for `steps` steps on `data` (data.* overrides; resumes what is unfinished, and a
+    scored run is done)."""
     if (workdir / "robust.json").exists():
         return workdir
-    overrides = [f"init_from={pretrained}", f"train.steps={steps}", "train.ckpt_every=1000"]
+    overrides = [f"init_from={pretrained}", f"train.steps={steps}", "train.ckpt_every=1000", *data]
     overrides += [f"train.adversarial.{o}" for o in METHODS[method]]
     train(apply_overrides(load_config("configs/sft_tiny.py"), overrides), workdir)
     return workdir
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--costs", default="runs/robustness/costs.json",
                         help="tools/bench/adversarial_cost.py --json output: each method's cost in plain steps")
     parser.add_argument("--questions", type=int, default=64, help="held-out chat questions scored")
+    parser.add_argument("--train", default="chat:stdlib", help="data.train of every run")
+    parser.add_argument("--val", default="chat:stdlib:heldout", help="data.val of every run (also the questions)")
     args = parser.parse_args()
     if not (Path(args.pretrained) / "checkpoints").is_dir():
         raise SystemExit(f"{args.pretrained} is not a trained run: run `python experiments/quickstart.py --no-demo` "
@@ -87,17 +90,17 @@ def main() -> None:
         raise SystemExit(f"no step costs at {args.costs}: run `python tools/bench/adversarial_cost.py --json "
                          f"{args.costs}` first")
     costs = json.loads(Path(args.costs).read_text())
-    out = Path(args.out)
+    out, data = Path(args.out), [f"data.train={args.train}", f"data.val={args.val}"]
     rows = []
     for method in METHODS:
-        run = finetune(args.pretrained, method, args.steps, out / f"{method}-steps")
+        run = finetune(args.pretrained, method, args.steps, out / f"{method}-steps", data)
         rows.append({"run": f"{method} (steps)", "steps": args.steps, "cost": costs[BENCH_NAMES[method]],
                      "scores": score(run, args.questions)})
     for method, row in zip(list(METHODS)[1:], rows[1:], strict=True):
         steps = round(args.steps / row["cost"])
         if abs(steps - args.steps) <= args.steps // 20:
             continue  # no dearer than a plain step: its matched-step run is also its matched-time run
-        run = finetune(args.pretrained, method, steps, out / f"{method}-time")
+        run = finetune(args.pretrained, method, steps, out / f"{method}-time", data)
         rows.append({"run": f"{method} (time)", "steps": steps, "cost": row["cost"],
                      "scores": score(run, args.questions)})
     (out / "results.json").write_text(json.dumps(rows, indent=1))
