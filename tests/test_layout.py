@@ -68,3 +68,37 @@ def test_the_check_catches_an_upward_import_and_a_cycle(tmp_path):
     assert len(problems) == 2  # serve -> train runs downwards; train -> serve closes the cycle
     assert any("(lmjax.train) imports lmjax.serve" in p for p in problems)
     assert any("lmjax.text must not use JAX" in p for p in problems)
+
+
+# Imported only by modules that need a dev extra: `lmjax.eval.harness` is lmjax as an lm-eval model class.
+DEV_ONLY_IMPORTS = {"lm_eval"}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """`make quickstart` installs only the core dependencies: a package lmjax imports that reaches the test
+    venv only through the dev extra's dependencies would pass every test and break the quickstart."""
+    import importlib.metadata
+    import re
+    import sys
+    import tomllib
+
+    root = Path(lmjax.__file__).parent
+    project = tomllib.loads((root.parent / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for name in names:
+                if name in sys.stdlib_module_names or name == "lmjax" or name in DEV_ONLY_IMPORTS:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+                if not dists & declared:
+                    missing.append(f"{path.relative_to(root.parent)}: {name} ({', '.join(sorted(dists))})")
+    assert not missing, "imported but not in pyproject's dependencies:\n" + "\n".join(sorted(set(missing)))
