@@ -91,7 +91,8 @@ def adversarial_grads(spec: AdversarialSpec, logits_of: LogitsFn, objective: Obj
     radius, step = spec.eps * scale, spec.alpha * scale
     loss_at = lambda p, delta: objective(logits_of(p, delta))
     start_rng, noise_rng = jax.random.split(jax.random.fold_in(rng, 2))
-    start = random_start(start_rng, shape, radius, mask) if spec.init == "random" else jnp.zeros(shape, jnp.float32)
+    random = spec.init == "random" or spec.method == "smart"  # SMART's KL has no gradient at delta = 0
+    start = random_start(start_rng, shape, radius, mask) if random else jnp.zeros(shape, jnp.float32)
 
     if spec.method == "none":
         return jax.value_and_grad(loss_at, has_aux=True)(params, None)
@@ -110,8 +111,7 @@ def adversarial_grads(spec: AdversarialSpec, logits_of: LogitsFn, objective: Obj
     if spec.method == "freelb":
         return _freelb(spec, loss_at, params, project(start, radius, spec.norm, mask), radius, step, mask)
     if spec.method == "smart":
-        return _smart(spec, logits_of, objective, params, random_start(start_rng, shape, radius, mask), radius,
-                      step, mask, kl_weights)
+        return _smart(spec, logits_of, objective, params, start, radius, step, mask, kl_weights)
     raise ValueError(f"unknown adversarial method {spec.method!r}")
 
 
