@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 
 from lmjax.config import ConfigError, validate
-from lmjax.input.pairs import encode_pairs, pair_batches
+from lmjax.input.pairs import pair_batches, pair_chunks
 from lmjax.model.lora import LoraSpec
 from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, init_params
@@ -189,8 +189,8 @@ def test_adversarial_run_resumes_bit_identically(tmp_path):
 def _pair_batch(tokenizer) -> dict[str, np.ndarray]:
     pairs = [{"prompt": [{"role": "user", "content": f"What is item {i}?"}],
               "chosen": f"Item {i} is a number, thank you.", "rejected": "No."} for i in range(8)]
-    rows, _ = encode_pairs(pairs, tokenizer, seq_len=64)
-    return {k: v[None] for k, v in next(pair_batches(rows, 4, seed=0)).items()}
+    chunks, _ = pair_chunks(pairs, tokenizer, seq_len=64)
+    return {k: v[None] for k, v in next(pair_batches(chunks, 64, 4, seed=0)).items()}
 
 
 def test_dpo_with_neftune_and_smart(shared_tokenizer):

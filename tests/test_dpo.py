@@ -11,8 +11,7 @@ from conftest import tiny_config
 
 from lmjax.cli import main
 from lmjax.config import ConfigError
-from lmjax.input.pairs import encode_pairs, pair_batches, prompt_key, split_heldout
-from lmjax.input.specs import load_pairs
+from lmjax.input.pairs import pair_batches, pair_chunks, pair_row, prompt_key, read_pairs, split_heldout
 from lmjax.serve.feedback import FeedbackStore
 from lmjax.text.tokenizer import Tokenizer
 from lmjax.train.dpo import pair_terms
@@ -44,15 +43,15 @@ def test_heldout_split_keeps_every_pair_of_a_prompt_on_one_side():
 def test_pair_rows_mask_only_the_reply_and_batches_are_deterministic(trained_run):
     tokenizer = Tokenizer.load(trained_run[0] / "tokenizer")
     pairs = _pairs(range(10)) + [{"prompt": [{"role": "user", "content": "x " * 100}], "chosen": "a", "rejected": "b"}]
-    rows, dropped = encode_pairs(pairs, tokenizer, seq_len=64)
-    assert len(rows) == 10 and dropped == 1  # the long one is dropped, and counted
-    row = rows[3]
+    chunks, dropped = pair_chunks(pairs, tokenizer, seq_len=64)
+    assert len(chunks) == 10 and dropped == 1  # the long one is dropped, and counted
+    row = pair_row(chunks[3], seq_len=64)
     assert tokenizer.decode(row["chosen_targets"][row["chosen_loss_mask"] == 1]) == pairs[3]["chosen"]
     assert tokenizer.decode(row["rejected_targets"][row["rejected_loss_mask"] == 1]) == "No. Go away."
     assert row["chosen_inputs"][0] == tokenizer.bos_id and not row["chosen_segment_ids"][-1]
-    first = [next(pair_batches(rows, 4, seed=1))["chosen_inputs"] for _ in range(2)]
+    first = [next(pair_batches(chunks, 64, 4, seed=1))["chosen_inputs"] for _ in range(2)]
     np.testing.assert_array_equal(*first)
-    it = pair_batches(rows, 5, seed=1)
+    it = pair_batches(chunks, 64, 5, seed=1)
     epochs = [np.concatenate([next(it)["chosen_targets"] for _ in range(2)]) for _ in range(2)]
     assert sorted(map(bytes, epochs[0])) == sorted(map(bytes, epochs[1]))  # each epoch sees every pair once
 
@@ -90,7 +89,7 @@ def test_feedback_export_round_trip(tmp_path, capsys):
     out = tmp_path / "prefs.jsonl"
     assert main(["feedback", "export", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     assert "wrote 2 preference pairs" in capsys.readouterr().out
-    assert load_pairs(f"pairs:{out}") == [
+    assert read_pairs(str(out)) == [
         {"prompt": prompt, "chosen": "It counts items.", "rejected": "It sorts."},
         {"prompt": prompt, "chosen": "It returns the number of items.", "rejected": "It sorts."}]
     assert main(["feedback", "export", "--workdir", str(tmp_path / "none"), "--out", str(out)]) == 2

@@ -14,7 +14,8 @@ from lmjax.input import tokens as tokens_module
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
 from lmjax.input.loaders import Loaders
 from lmjax.input.packing import eval_batches, train_iterator
-from lmjax.input.specs import open_chunks, token_shards, tokenize_sources
+from lmjax.input.pairs import eval_pair_batches, pair_batches, pair_chunks, pair_row, split_heldout
+from lmjax.input.specs import open_chunks, open_pairs, token_shards, tokenize_sources
 from lmjax.input.tokens import open_tokens, read_manifest, write_tokens
 from lmjax.text.tokenizer import Tokenizer, train_tokenizer
 
@@ -189,3 +190,40 @@ def test_tokenize_cli_for_a_raw_source_and_its_errors(text_spec, tokenizer, tmp_
     assert main(["data", "tokenize", "--prepared", str(tmp_path), "--seq-len", "16"]) == 2
     assert "not a `lmjax data prepare` directory" in capsys.readouterr().err
     assert main(["data", "tokenize", "--source", text_spec, "--seq-len", "16"]) == 2
+
+
+def test_preference_pairs_through_token_shards(tokenizer, tmp_path, monkeypatch):
+    """Pairs go through token shards like chat: the shards hold `pair_chunk` records (loss masks inside), the raw
+    `pairs:` spec is cached with the same held-out split by prompt, DPO batches are the same from either, and a
+    pair directory is refused where documents are expected."""
+    monkeypatch.setenv("LMJAX_CACHE_DIR", str(tmp_path / "cache"))
+    pairs = [{"prompt": [{"role": "user", "content": f"What is item {i}?"}],
+              "chosen": f"Item {i} is a number.", "rejected": "No."} for i in range(60)]
+    pairs.append({"prompt": [{"role": "user", "content": "x " * 80}], "chosen": "a", "rejected": "b"})  # too long
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tokenizer.save(tmp_path / "tok")
+    assert main(["data", "tokenize", "--source", f"pairs:{source}", "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "shards"), "--seq-len", "48", "--workers", "1"]) == 0
+    train_pairs, heldout = split_heldout(pairs)
+    for split, part in (("train", train_pairs), ("val", heldout)):
+        chunks = open_pairs(f"{tmp_path / 'shards'}:{split}", tokenizer, 48)
+        expected, dropped = pair_chunks(part, tokenizer, 48)
+        assert chunks.masked and len(chunks) == len(expected) > 0 and chunks.dropped == dropped
+        for got, want in zip(chunks, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert sum(open_pairs(str(tmp_path / "shards"), tokenizer, 48, part).dropped for part in ("train", "heldout")) == 1
+    row = pair_row(open_pairs(str(tmp_path / "shards"), tokenizer, 48)[0], 48)
+    assert tokenizer.decode(row["rejected_targets"][row["rejected_loss_mask"] == 1]) == "No."
+    for part in ("train", "heldout"):
+        raw, made = (open_pairs(spec, tokenizer, 48, part, log=lambda _: None)
+                     for spec in (f"pairs:{source}", str(tmp_path / "shards")))
+        _equal_batches(pair_batches(raw, 48, 2, seed=3, loader_index=1, loader_count=2),
+                       pair_batches(made, 48, 2, seed=3, loader_index=1, loader_count=2), n=4)
+        evals = [eval_pair_batches(c, 48, 4, 2) for c in (raw, made)]
+        for a, b in zip(*evals, strict=True):
+            _equal_batches(iter([a]), iter([b]), n=1)
+    with pytest.raises(DataError, match="hold pairs, not documents or chat: train on them with train.objective=dpo"):
+        open_chunks(str(tmp_path / "shards"), tokenizer, 48)
+    with pytest.raises(DataError, match="reads preference pairs"):
+        open_pairs("stdlib", tokenizer, 48)

@@ -6,7 +6,8 @@
     chat:stdlib[:heldout]      the embedded chat dataset (conversations, loss on the assistant's replies)
     chat:GLOB                  conversations from JSONL files ({"messages": [{"role", "content"}, ...]})
     pairs:GLOB                 preference pairs from JSONL ({"prompt", "chosen", "rejected"}), for DPO
-    DIR[:SPLIT]                token shards (`lmjax data tokenize`, lmjax/input/tokens.py): documents or chat
+    DIR[:SPLIT]                token shards (`lmjax data tokenize`, lmjax/input/tokens.py): documents, chat
+                               or preference pairs
 """
 
 import functools
@@ -24,7 +25,7 @@ from lmjax.corpus.cda import counterfactual
 from lmjax.corpus.shards import SPLITS, iter_split, parse_prepared
 from lmjax.corpus.sources import read_documents
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
-from lmjax.input.pairs import Pair, read_pairs
+from lmjax.input.pairs import read_pairs, split_heldout
 from lmjax.input.tokens import TokenChunks, cached_tokens, open_tokens, read_manifest, write_tokens
 from lmjax.text.chat_template import Message, read_conversations
 from lmjax.text.tokenizer import Tokenizer
@@ -106,7 +107,8 @@ def open_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False
     if shards:
         raise DataError(f"data.cda augments raw text, but {spec} holds token shards; use the prepared directory "
                         "or the raw source they were made from")
-    return cached_tokens(spec, lambda: _items(kind, source, cda), tokenizer, seq_len, kind, cda, workers, log)
+    return cached_tokens(spec, lambda: _items(kind, source, cda), tokenizer, seq_len, kind, "cda" if cda else "",
+                         workers, log)
 
 
 def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False) -> list[np.ndarray]:
@@ -135,12 +137,26 @@ def load_sequences(spec: str, tokenizer: Tokenizer, limit: int | None = None) ->
     return tokenize_documents(itertools.islice(read_documents(source), limit), tokenizer, sys.maxsize)
 
 
-def load_pairs(spec: str) -> list[Pair]:
-    """Preference pairs of a `pairs:GLOB` spec."""
+def open_pairs(spec: str, tokenizer: Tokenizer, seq_len: int, part: str = "all", workers: int = 1,
+               log: Callable = print) -> TokenChunks:
+    """The preference pairs of `spec` as pair chunks (lmjax/input/pairs.py) read lazily from token shards: those
+    the spec names, or, for `pairs:GLOB`, those its pairs are tokenized into in the cache the first time.
+    `part`: "all" the pairs (of the named split), or one side of the held-out split by prompt: "train" or
+    "heldout" (`split_heldout` for `pairs:GLOB`; splits train and val of a token-shard directory)."""
+    if part not in ("all", "train", "heldout"):
+        raise ValueError(f"part must be all, train or heldout, got {part!r}")
     kind, source = parse_spec(spec)
+    shards = token_shards(spec) if kind == "documents" else None
+    if shards:
+        directory, split = shards
+        split = {"all": split, "train": "train", "heldout": "val"}[part]
+        return open_tokens(directory, split, tokenizer, seq_len, ("pairs",))
     if kind != "pairs":
-        raise DataError(f"train.objective=dpo reads preference pairs: use data.train=pairs:GLOB, got {spec!r}")
-    return read_pairs(source)
+        raise DataError(f"train.objective=dpo reads preference pairs: use data.train=pairs:GLOB or a token-shard "
+                        f"directory of pairs, got {spec!r}")
+    side = {"all": None, "train": 0, "heldout": 1}[part]
+    items = (lambda: read_pairs(source)) if side is None else (lambda: split_heldout(read_pairs(source))[side])
+    return cached_tokens(spec, items, tokenizer, seq_len, "pairs", "" if side is None else part, workers, log)
 
 
 def texts(spec: str) -> Iterator[str]:
@@ -182,10 +198,19 @@ def tokenize_prepared(directory: str | Path, seq_len: int, workers: int = 2, log
 def tokenize_sources(train: str, val: str, tokenizer: Tokenizer, seq_len: int, out: str | Path,
                      workers: int = 2, log: Callable = print) -> dict:
     """Writes the token shards of raw specs `train` (and `val`, if given) as splits train and val of `out`;
-    both documents, or both chat."""
+    both documents, both chat, or both preference pairs (without `val`, the pairs of 10% of the prompts are
+    held out as split val, `split_heldout`)."""
     specs = {"train": parse_spec(train), **({"val": parse_spec(val)} if val else {})}
     kinds = {kind for kind, _ in specs.values()}
-    if "pairs" in kinds or len(kinds) > 1:
-        raise DataError(f"token shards hold documents or chat conversations, one kind per directory: got {kinds}")
-    splits = {split: functools.partial(_items, kind, source, False) for split, (kind, source) in specs.items()}
-    return write_tokens(out, splits, tokenizer, seq_len, kinds.pop(), train, workers, log)
+    if len(kinds) > 1:
+        raise DataError(f"token shards hold one kind of data per directory: got {', '.join(sorted(kinds))}")
+    kind = kinds.pop()
+    if kind == "pairs":
+        if val:
+            splits = {split: functools.partial(read_pairs, source) for split, (_, source) in specs.items()}
+        else:
+            splits = {split: (lambda side=side: split_heldout(read_pairs(specs["train"].source))[side])
+                      for side, split in enumerate(("train", "val"))}
+    else:
+        splits = {split: functools.partial(_items, kind, source, False) for split, (_, source) in specs.items()}
+    return write_tokens(out, splits, tokenizer, seq_len, kind, train, workers, log)

@@ -4,15 +4,17 @@
                                          records, tokens and the unigram counts of the prediction targets
     DIR/tokenizer/                       a copy of the tokenizer that made them
     DIR/SPLIT/SPLIT-00000.arrayrecord    one chunk per record: the chunk's tokens as `dtype` bytes; chat chunks
-                                         hold the tokens then the loss mask ([2, n] row-major)
+                                         hold the tokens then the loss mask ([2, n] row-major), preference
+                                         pairs both sequences then their flags (`lmjax/input/pairs.py`)
 
 A record is what `lmjax/input/chunks.py` makes ([bos] + ids + [eos] cut into chunks of <= seq_len + 1 tokens,
-overlap 1; a conversation as a (tokens, loss mask) chunk), in source order, so reading the shards by index
-gives the same chunks, in the same order, as tokenizing the source in memory. Writing streams: documents go
-in batches to tokenizing processes and their chunks straight to the current shard, so memory does not grow
-with the corpus. A directory is written under a temporary name and renamed when complete.
+overlap 1; a conversation as a (tokens, loss mask) chunk) or a preference pair's `pair_chunk`, in source
+order, so reading the shards by index gives the same chunks, in the same order, as tokenizing the source in
+memory. Writing streams: documents go in batches to tokenizing processes and their chunks straight to the
+current shard, so memory does not grow with the corpus (preference pairs, small, are read whole first).
+A directory is written under a temporary name and renamed when complete.
 
-Raw data specs (`stdlib`, `text:...`, `chat:...`) are tokenized once into `$LMJAX_CACHE_DIR/tokens/KEY`,
+Raw data specs (`stdlib`, `text:...`, `chat:...`, `pairs:...`) are tokenized once into `$LMJAX_CACHE_DIR/tokens/KEY`,
 KEY a hash of (spec, the files it names with their sizes and times, tokenizer, seq_len), then read the same way.
 """
 
@@ -38,12 +40,13 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from lmjax.config import DataError
 from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
+from lmjax.input.pairs import LOSS, pair_chunks
 from lmjax.text.tokenizer import Tokenizer
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-KINDS = ("documents", "chat")
-BATCH_ITEMS = {"documents": 256, "chat": 64}  # documents or conversations per tokenizing task
+KINDS = ("documents", "chat", "pairs")
+BATCH_ITEMS = {"documents": 256, "chat": 64, "pairs": 64}  # documents, conversations or pairs per tokenizing task
 SHARD_TOKENS = 64 * 2**20  # start a new shard after this many tokens
 CHUNKING = "[bos] + ids + [eos] in chunks of <= seq_len + 1 tokens overlapping by 1; chat: longest prefix that fits"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # every record readable on its own
@@ -55,20 +58,28 @@ def _init_worker(tokenizer: Any, kind: str, seq_len: int) -> None:
     _worker.update(tokenizer=tokenizer, kind=kind, seq_len=seq_len)
 
 
-def _encode(items: list) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """(every chunk's values concatenated, chunk lengths, targets, unigram counts of the targets) of a batch of
-    documents or conversations; a chat chunk's values are its tokens then its loss mask."""
-    tokenizer, seq_len = _worker["tokenizer"], _worker["seq_len"]
-    if _worker["kind"] == "chat":
-        chunks = tokenize_conversations(items, tokenizer, seq_len)
-        targets = [c[0, 1:][c[1, 1:] == 1] for c in chunks]
-    else:
+def _encode(items: list) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, int]:
+    """(every chunk's values concatenated, chunk lengths, prediction targets, unigram counts of the targets the
+    loss counts, items dropped) of a batch of documents, conversations or preference pairs; a chat or pair
+    chunk's values are its tokens then its mask row."""
+    tokenizer, seq_len, kind = _worker["tokenizer"], _worker["seq_len"], _worker["kind"]
+    if kind == "documents":
         chunks = tokenize_documents(items, tokenizer, seq_len)
         targets = [c[1:] for c in chunks]
+        dropped = 0
+    else:
+        if kind == "chat":
+            chunks = tokenize_conversations(items, tokenizer, seq_len)
+            dropped = len(items) - len(chunks)
+        else:
+            chunks, dropped = pair_chunks(items, tokenizer, seq_len)
+        targets = [c[0, 1:][(c[1, 1:] & LOSS) > 0] for c in chunks]
     counted = np.concatenate(targets) if targets else np.zeros(0, np.int32)
     unigram = np.bincount(counted, minlength=tokenizer.vocab_size)
     values = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int32)
-    return values, np.array([c.size for c in chunks], np.int64), sum(c.shape[-1] - 1 for c in chunks), unigram
+    sequences = 2 if kind == "pairs" else 1  # a pair chunk holds two sequences, each with one non-target token
+    targets_total = sum(c.shape[-1] - sequences for c in chunks)
+    return values, np.array([c.size for c in chunks], np.int64), targets_total, unigram, dropped
 
 
 def _batches(items: Iterable, n: int) -> Iterator[list]:
@@ -104,6 +115,7 @@ class _SplitWriter:
         (root / split).mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
         self.unigram = np.zeros(vocab_size, np.int64)
+        self.dropped = 0
         self.writer: ArrayRecordWriter | None = None
 
     def _open(self) -> None:
@@ -111,7 +123,8 @@ class _SplitWriter:
         self.writer = ArrayRecordWriter(str(self.root / name), WRITER_OPTIONS)
         self.shards.append({"file": name, "records": 0, "tokens": 0})
 
-    def add(self, values: np.ndarray, sizes: np.ndarray, targets: int, unigram: np.ndarray) -> None:
+    def add(self, values: np.ndarray, sizes: np.ndarray, targets: int, unigram: np.ndarray, dropped: int) -> None:
+        self.dropped += dropped
         if not len(sizes):
             return
         if self.writer is None or self.shards[-1]["tokens"] >= SHARD_TOKENS:
@@ -133,13 +146,14 @@ class _SplitWriter:
 
     def summary(self) -> dict:
         return {"shards": self.shards, "records": sum(s["records"] for s in self.shards),
-                "tokens": sum(s["tokens"] for s in self.shards), "unigram": self.unigram.tolist()}
+                "tokens": sum(s["tokens"] for s in self.shards), "dropped": self.dropped,
+                "unigram": self.unigram.tolist()}
 
 
 def write_tokens(out: str | Path, splits: dict[str, Callable[[], Iterable]], tokenizer: Any, seq_len: int,
                  kind: str = "documents", source: str = "", workers: int = 2, log: Callable = print) -> dict:
-    """Tokenizes each split (`splits[name]()` yields documents, or conversations for kind "chat") into token
-    shards in `out` (replaced if it exists); returns the manifest."""
+    """Tokenizes each split (`splits[name]()` yields documents, conversations for kind "chat", or preference
+    pairs for kind "pairs") into token shards in `out` (replaced if it exists); returns the manifest."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     out = Path(out)
@@ -181,7 +195,7 @@ def read_manifest(directory: str | Path) -> dict | None:
 
 class TokenChunks:
     """One split of a token-shard directory as a random-access sequence of chunks (int32 [n], or [2, n] for
-    chat), read from the shards on demand: what grain's `MapDataset.source` takes."""
+    chat and preference pairs), read from the shards on demand: what grain's `MapDataset.source` takes."""
 
     def __init__(self, directory: str | Path, split: str, manifest: dict):
         import grain
@@ -190,7 +204,8 @@ class TokenChunks:
         info = manifest["splits"][split]
         self.records, self.tokens = info["records"], info["tokens"]
         self.unigram = np.asarray(info["unigram"], np.int64)
-        self.seq_len, self.masked = manifest["seq_len"], manifest["kind"] == "chat"
+        self.dropped = info.get("dropped", 0)  # conversations or pairs too long for seq_len
+        self.seq_len, self.masked = manifest["seq_len"], manifest["kind"] != "documents"
         self.dtype = np.dtype(manifest["dtype"])
         paths = [str(self.directory / s["file"]) for s in info["shards"]]
         self.source = grain.sources.ArrayRecordDataSource(paths) if paths else []
@@ -215,12 +230,17 @@ class TokenChunks:
         return f"TokenChunks({str(self.directory)!r}, {self.split!r})"
 
 
-def open_tokens(directory: str | Path, split: str, tokenizer: Any, seq_len: int) -> TokenChunks:
+def open_tokens(directory: str | Path, split: str, tokenizer: Any, seq_len: int,
+                kinds: tuple[str, ...] = ("documents", "chat")) -> TokenChunks:
     """Split `split` of the token shards in `directory`; `DataError` if they were made with another tokenizer
-    or chunking, or lack the split."""
+    or chunking, hold another kind of data than `kinds`, or lack the split."""
     manifest = read_manifest(directory)
     if manifest is None:
         raise DataError(f"{directory} holds no token shards ({MANIFEST} is missing)")
+    if manifest.get("kind") not in kinds:
+        use = "train.objective=dpo" if manifest.get("kind") == "pairs" else "an lm or chat objective"
+        raise DataError(f"the token shards in {directory} hold {manifest.get('kind')}, not {' or '.join(kinds)}: "
+                        f"train on them with {use}")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{directory}: token-shard format {manifest.get('format')}, this lmjax reads {FORMAT}; "
                         f"re-tokenize with `lmjax data tokenize`")
@@ -248,23 +268,25 @@ def _source_signature(spec: str) -> list:
     return [(p, (s := os.stat(p)).st_size, s.st_mtime_ns) for p in sorted(files)]
 
 
-def cache_key(spec: str, tokenizer: Any, seq_len: int, cda: bool = False) -> str:
-    """The cache entry name of a raw spec tokenized with `tokenizer` for `seq_len`."""
-    key = {"format": FORMAT, "spec": spec, "cda": cda, "tokenizer": tokenizer.fingerprint, "seq_len": seq_len,
+def cache_key(spec: str, tokenizer: Any, seq_len: int, variant: str = "") -> str:
+    """The cache entry name of a raw spec tokenized with `tokenizer` for `seq_len`; `variant` names a
+    transformation of the spec's items ("cda"; "train" or "heldout" for the two sides of a pair split)."""
+    key = {"format": FORMAT, "spec": spec, "variant": variant, "tokenizer": tokenizer.fingerprint, "seq_len": seq_len,
            "chunking": CHUNKING, "files": _source_signature(spec)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def cached_tokens(spec: str, items: Callable[[], Iterable], tokenizer: Any, seq_len: int, kind: str,
-                  cda: bool = False, workers: int = 2, log: Callable = print) -> TokenChunks:
-    """The token chunks of raw spec `spec` (its documents or conversations from `items()`), tokenized into the
-    cache the first time (under a lock: concurrent processes tokenize it once)."""
+                  variant: str = "", workers: int = 2, log: Callable = print) -> TokenChunks:
+    """The token chunks of raw spec `spec` (its documents, conversations or pairs from `items()`, `variant`
+    as in `cache_key`), tokenized into the cache the first time (under a lock: concurrent processes tokenize
+    it once)."""
     root = cache_dir() / "tokens"
     root.mkdir(parents=True, exist_ok=True)
-    directory = root / cache_key(spec, tokenizer, seq_len, cda)
+    directory = root / cache_key(spec, tokenizer, seq_len, variant)
     if read_manifest(directory) is None:
         with open(root / f"{directory.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if read_manifest(directory) is None:
                 write_tokens(directory, {"data": items}, tokenizer, seq_len, kind, spec, workers, log)
-    return open_tokens(directory, "data", tokenizer, seq_len)
+    return open_tokens(directory, "data", tokenizer, seq_len, (kind,))

@@ -20,8 +20,8 @@ from lmjax.eval.baselines import unigram_bpb_from_counts
 from lmjax.eval.lm import eval_step, jit_eval_step, lm_metrics
 from lmjax.input.loaders import Loaders
 from lmjax.input.packing import eval_batches, train_iterator
-from lmjax.input.pairs import encode_pairs, eval_pair_batches, pair_batches, split_heldout
-from lmjax.input.specs import load_pairs, open_chunks
+from lmjax.input.pairs import eval_pair_batches, pair_batches
+from lmjax.input.specs import open_chunks, open_pairs
 from lmjax.model.lora import LoraSpec, attach
 from lmjax.text.tokenizer import Tokenizer
 from lmjax.train.adversarial import AdversarialSpec
@@ -114,17 +114,20 @@ def dpo_objective(ctx: RunContext) -> Objective:
     cfg, tokenizer, graphdef, tx, state_sharding, shardings, ref_params, _ = ctx
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     n_proc, micro = jax.process_count(), t_cfg.batch_size // t_cfg.grad_accum
-    pairs = load_pairs(cfg.data.train)
-    train_pairs, val_pairs = (pairs, load_pairs(cfg.data.val)) if cfg.data.val else split_heldout(pairs)
-    train_rows, train_dropped = encode_pairs(train_pairs, tokenizer, seq_len)
-    val_rows, val_dropped = encode_pairs(val_pairs, tokenizer, seq_len)
-    log(f"data: {len(train_rows):,} train and {len(val_rows):,} held-out preference pairs kept; "
-        f"{train_dropped:,} and {val_dropped:,} dropped for a side longer than seq_len + 1 = {seq_len + 1} tokens")
-    fingerprint = {"data": cfg.data.train, "pairs": len(train_rows), "tokenizer": tokenizer.fingerprint}
-    data_iter = make_loaders(cfg, fingerprint, lambda k, count, rows: pair_batches(train_rows, rows, t_cfg.seed, k,
-                                                                                   count))
+    if cfg.data.val:
+        train_pairs = open_pairs(cfg.data.train, tokenizer, seq_len, log=log)
+        val_pairs = open_pairs(cfg.data.val, tokenizer, seq_len, log=log)
+    else:
+        train_pairs = open_pairs(cfg.data.train, tokenizer, seq_len, "train", log=log)
+        val_pairs = open_pairs(cfg.data.train, tokenizer, seq_len, "heldout", log=log)
+    log(f"data: {len(train_pairs):,} train and {len(val_pairs):,} held-out preference pairs kept; "
+        f"{train_pairs.dropped:,} and {val_pairs.dropped:,} dropped for a side longer than seq_len + 1 = "
+        f"{seq_len + 1} tokens")
+    fingerprint = {"data": cfg.data.train, "pairs": len(train_pairs), "tokenizer": tokenizer.fingerprint}
+    data_iter = make_loaders(cfg, fingerprint, lambda k, count, rows: pair_batches(train_pairs, seq_len, rows,
+                                                                                   t_cfg.seed, k, count))
     val_data = [global_batch(b, shardings.eval) for b in eval_pair_batches(
-        val_rows, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
+        val_pairs, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
     step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta,
                                      adversarial=AdversarialSpec.from_config(t_cfg.adversarial)),

@@ -3,12 +3,14 @@ in-memory path of an earlier commit, and the input pipeline's tokens/s against t
 
     python tools/make_corpus.py --out /tmp/corpus_10m --size-gb 0.01
     python tools/make_corpus.py --out /tmp/corpus_100m --size-gb 0.1
-    .venv/bin/python tools/bench/input_scale.py --corpus /tmp/corpus_10m /tmp/corpus_100m [--baseline REV]
+    .venv/bin/python tools/bench/input_scale.py --corpus /tmp/corpus_10m /tmp/corpus_100m [--baseline REV] \
+        [--real-text-mb 200]
 
 For each corpus: tokenizes it into token shards (`lmjax data tokenize`, tokens/s), then runs a 2-step
 `lmjax train` of a tiny model from the shards and (with --baseline) the same run from the raw source with
 the code of commit REV (a `git worktree`), which tokenizes the whole corpus in memory at every start. Each
 run's time from process start to its first logged step and its peak RSS (wait4) are printed as one JSON line.
+With --real-text-mb, tokenizing is also timed on real text (`tokenize_real_text`).
 """
 
 import argparse
@@ -85,11 +87,36 @@ def input_vs_step(shards: Path, tokenizer_dir: Path, steps: int = 200) -> dict:
             "input_over_step": round(input_rate / step_rate, 1)}
 
 
+def tokenize_real_text(tmp: Path, env: dict, megabytes: float, workers: int) -> dict:
+    """`lmjax data tokenize` tokens/s on real text: the embedded stdlib corpus (English and code) repeated to
+    `megabytes`, with a 4096-token BPE trained on it. The generated corpora have a vocabulary of ~4000 made-up
+    words, so a BPE of 4096 makes almost every word one token (~6.6 characters per token, against ~3.8 on real
+    text) and SentencePiece's per-character cost shows as fewer tokens/s there."""
+    from lmjax.corpus.stdlib_docs import stdlib_documents
+    from lmjax.text.tokenizer import train_tokenizer
+
+    docs = stdlib_documents()
+    tokenizer = tmp / "tokenizer-stdlib"
+    train_tokenizer(docs, 4096, tokenizer)
+    one = "\n\n".join(docs)
+    text = tmp / "stdlib-repeated.txt"
+    text.write_text("\n\n".join([one] * max(1, round(megabytes * 1e6 / len(one.encode())))))
+    out = tmp / "shards-stdlib"
+    run = run_timed(lmjax("data", "tokenize", "--source", f"text:{text}", "--tokenizer", str(tokenizer), "--out",
+                          str(out), "--seq-len", "256", "--workers", str(workers)), env, "tokenized")
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens, chars = manifest["splits"]["train"]["tokens"], len(text.read_text())
+    return {"real_text_mb": round(text.stat().st_size / 1e6, 1), "tokens": tokens,
+            "chars_per_token": round(chars / tokens, 2), "tokenize": {
+                **run, "tokens_per_s_in_writer": round(tokens / manifest["seconds"])}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, nargs="+", required=True, help="make_corpus.py outputs")
     parser.add_argument("--baseline", default="", help="commit whose in-memory pipeline to compare (git worktree)")
     parser.add_argument("--workers", type=int, default=2, help="tokenizing processes")
+    parser.add_argument("--real-text-mb", type=float, default=0, help="also tokenize this much real text (0: no)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmjax-input-scale-"))
     env = {**os.environ, "LMJAX_CACHE_DIR": str(tmp / "cache"), "JAX_PLATFORMS": "cpu"}
@@ -115,7 +142,9 @@ def main() -> None:
             tok_run = run_timed(tokenize, env, "tokenized")
             manifest = json.loads((shards / "manifest.json").read_text())
             tokens = manifest["splits"]["train"]["tokens"]
+            chars = sum(len(d) for d in read_documents(corpus_spec(corpus))) if args.real_text_mb else None
             result = {"corpus": str(corpus), "jsonl_mb": round(size_mb, 1), "tokens": tokens,
+                      "chars_per_token": chars and round(chars / tokens, 2),
                       "tokenize": {**tok_run, "tokens_per_s_in_writer": round(tokens / manifest["seconds"])},
                       "train_from_shards": run_timed(train_cmd(tmp / f"run-{corpus.name}", str(shards), f"text:{val}",
                                                                tokenizer), env, " | loss ")}
@@ -125,6 +154,8 @@ def main() -> None:
                     base_env, " | loss ")
             print(json.dumps(result), flush=True)
         print(json.dumps(input_vs_step(shards, tokenizer)), flush=True)
+        if args.real_text_mb:
+            print(json.dumps(tokenize_real_text(tmp, env, args.real_text_mb, args.workers)), flush=True)
     finally:
         if base_env is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "base")], cwd=REPO, check=False)
