@@ -187,6 +187,18 @@ def test_prepare_refuses_a_different_config_on_the_same_out(messy, prepared):
         prepare(_cfg(messy[0], val_fraction=0.5), prepared[0], log=lambda _: None)
 
 
+def test_prepare_resumes_under_other_token_shard_knobs(messy, tmp_path):
+    """`tokens.*` only shapes the token shards written after the text shards: a directory begun under other values
+    (or before they existed) resumes."""
+    old = json.loads(_cfg(messy[0]).to_json())
+    del old["tokens"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "prepare_config.json").write_text(json.dumps(old))
+    cfg = _cfg(messy[0])
+    cfg.tokens.seq_len = 64
+    assert prepare(cfg, tmp_path / "out", log=lambda _: None)["documents_out"]["train"] > 0
+
+
 def test_training_reads_a_prepared_directory(tmp_path):
     out = tmp_path / "stdlib"
     cfg = prepare_config()

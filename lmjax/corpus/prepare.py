@@ -162,12 +162,20 @@ def _commit(out: Path, progress: _Progress, exact: ExactDedup | None, near: Near
         path.unlink()
 
 
+def _shard_config(config: dict) -> dict:
+    """The knobs that decide what the text shards hold: all but `tokens` (the token shards are written after,
+    and are refused or remade on their own by their manifest), so a prepare may resume under other `tokens.*`
+    values or from before they existed."""
+    return {k: v for k, v in config.items() if k != "tokens"}
+
+
 def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
     """Runs (or resumes) the whole preparation into `out`; returns the card."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "prepare_config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != json.loads(cfg.to_json()):
+    if config_path.exists() and _shard_config(json.loads(config_path.read_text())) != _shard_config(
+            json.loads(cfg.to_json())):
         raise ConfigError(f"{out} was prepared with a different config ({config_path}); use a new --out")
     atomic_write(config_path, cfg.to_json(indent=2))
     progress_path, dedup_dir = out / "progress.json", out / "dedup"
