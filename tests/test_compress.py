@@ -15,7 +15,7 @@ from lmjax.compress.run import Compression, compress_run
 from lmjax.config import ConfigError
 from lmjax.eval.lm import eval_step, lm_metrics
 from lmjax.input.packing import eval_batches
-from lmjax.input.specs import load_chunks
+from lmjax.input.specs import open_chunks
 from lmjax.model.quantized import QArray, dequantize, for_matmul, qeinsum, quantize, quantize_params, take_rows
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
@@ -79,7 +79,7 @@ def test_prune_masks_have_the_exact_sparsity_and_pattern():
 def run(trained_run):
     """(cfg, graphdef, float params, tokenizer, validation batches) of the session's trained run."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(trained_run[0]))
-    chunks = load_chunks(cfg.data.val, tokenizer, cfg.model.seq_len)
+    chunks = open_chunks(cfg.data.val, tokenizer, cfg.model.seq_len)
     return cfg, graphdef, params, tokenizer, eval_batches(chunks, cfg.model.seq_len, 8, 4)
 
 

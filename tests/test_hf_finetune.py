@@ -19,7 +19,7 @@ from hf_fixtures import chatml_style, gpt2_style  # noqa: E402
 
 from lmjax.cli import main  # noqa: E402
 from lmjax.infer.sampler import Sampler  # noqa: E402
-from lmjax.input.specs import load_chunks  # noqa: E402
+from lmjax.input.specs import open_chunks  # noqa: E402
 from lmjax.run.restore import restore_model  # noqa: E402
 from lmjax.run.workdir import Workdir, open_workdir, read_metrics  # noqa: E402
 from lmjax.text.chat_template import encode_chat  # noqa: E402
@@ -75,7 +75,8 @@ def test_import_keeps_the_model_and_its_tokenizer(round_trip):
 def _held_out_loss(run: Path) -> float:
     """Mean loss on the assistant tokens of held-out chat chunks (what the trainer's val_loss measures)."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(run))
-    chunks = load_chunks("chat:stdlib:heldout", tokenizer, 256)[:16]
+    held_out = open_chunks("chat:stdlib:heldout", tokenizer, 256)
+    chunks = [held_out[i] for i in range(16)]
     tokens, mask = np.zeros((len(chunks), 257), np.int32), np.zeros((len(chunks), 257), np.float32)
     for row, chunk in enumerate(chunks):  # padded at the end, where it cannot change the tokens before
         tokens[row, :chunk.shape[1]], mask[row, :chunk.shape[1]] = chunk

@@ -11,7 +11,7 @@ from lmjax.cli import main
 from lmjax.corpus.chat_phrasings import MODULE_FOR, SIGNATURE, WHAT_DOES, WHICH_MODULE
 from lmjax.eval.robust import evaluate_robust, lm_robustness
 from lmjax.input.packing import eval_batches
-from lmjax.input.specs import load_chunks
+from lmjax.input.specs import open_chunks
 from lmjax.run.restore import restore_model
 from lmjax.run.workdir import open_workdir
 from lmjax.text.noise import KINDS, is_code, perturb, synonyms
@@ -86,7 +86,7 @@ def test_synonyms_come_from_the_shipped_list():
 def heldout(trained_run):
     """The trained run's model and its validation batches, as training evaluated them."""
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(trained_run[0]))
-    batches = eval_batches(load_chunks(cfg.data.val, tokenizer, cfg.model.seq_len), cfg.model.seq_len,
+    batches = eval_batches(open_chunks(cfg.data.val, tokenizer, cfg.model.seq_len), cfg.model.seq_len,
                            cfg.train.batch_size, cfg.train.eval_steps)
     return cfg, graphdef, params, batches
 

@@ -9,6 +9,7 @@ import pytest
 from lmjax.cli import main
 from lmjax.config import DataError
 from lmjax.corpus import stdlib_docs
+from lmjax.corpus.sources import read_documents
 from lmjax.eval.baselines import unigram_bpb, unigram_bpb_from_counts
 from lmjax.input import tokens as tokens_module
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
@@ -126,9 +127,7 @@ def test_same_batches_from_raw_spec_token_dir_and_memory(text_spec, tokenizer, t
     assert token_shards(str(tmp_path / "shards")) == (tmp_path / "shards", "train")
     from_dir = open_chunks(str(tmp_path / "shards"), tokenizer, SEQ_LEN)
     from_spec = open_chunks(text_spec, tokenizer, SEQ_LEN, log=lambda _: None)
-    from lmjax.input.specs import load_chunks
-
-    in_memory = load_chunks(text_spec, tokenizer, SEQ_LEN)
+    in_memory = tokenize_documents(read_documents(text_spec), tokenizer, SEQ_LEN)
     for k in range(2):
         batches = [[next(it) for _ in range(6)] for it in (
             train_iterator(c, SEQ_LEN, 4, seed=3, loader_index=k, loader_count=2)

@@ -9,6 +9,7 @@ overwritten.
 """
 
 import dataclasses
+import functools
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from lmjax.compress.prune import input_norms, prune_params, sparsity_of
 from lmjax.config import QUANT_FORMATS, ConfigError, base_config, validate
 from lmjax.input.packing import eval_batches
-from lmjax.input.specs import load_chunks
+from lmjax.input.specs import open_chunks
 from lmjax.model.quantized import quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import restore_model
@@ -77,7 +78,7 @@ def compress_run(source: str | Path, out: str | Path, compression: Compression, 
             if compression.prune == "wanda":
                 spec = compression.calibration or cfg.data.val
                 print(f"calibrating on {spec} ({compression.calibration_batches} batches)", file=sys.stderr)
-                chunks = load_chunks(spec, tokenizer, cfg.model.seq_len)
+                chunks = open_chunks(spec, tokenizer, cfg.model.seq_len, log=functools.partial(print, file=sys.stderr))
                 batches = eval_batches(chunks, cfg.model.seq_len, CALIBRATION_ROWS, compression.calibration_batches)
                 norms = input_norms(cfg.model, params, batches)
             params = prune_params(params, compression.prune, compression.sparsity, compression.pattern, norms)

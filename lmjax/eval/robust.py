@@ -37,7 +37,7 @@ from lmjax.eval.metrics import bootstrap_indices
 from lmjax.eval.redteam import red_team
 from lmjax.infer.sampler import Sampler
 from lmjax.input.packing import eval_batches
-from lmjax.input.specs import load_chunks, parse_spec, read_chat
+from lmjax.input.specs import open_chunks, parse_spec, read_chat
 from lmjax.model.loss import Batch, loss_weights, token_losses
 from lmjax.model.params import Params
 from lmjax.model.perturb import NORMS, embedding_rms, pgd_attack, random_on_sphere, random_start
@@ -202,7 +202,8 @@ def evaluate_robust(workdir: str, step: int | None = None, eps: Sequence[float] 
     elif eps:
         t = time.time()
         rows = batch_size or max(cfg.train.batch_size // cfg.train.grad_accum, 1)
-        held_out = eval_batches(load_chunks(source, tokenizer, cfg.model.seq_len), cfg.model.seq_len, rows, batches)
+        chunks = open_chunks(source, tokenizer, cfg.model.seq_len, log=lambda _: None)
+        held_out = eval_batches(chunks, cfg.model.seq_len, rows, batches)
         result["lm"] = {"source": source, **lm_robustness(params, graphdef, held_out, cfg.model.d_model, eps,
                                                           attack_steps, norm, seed)}
         result["seconds"]["lm"] = time.time() - t

@@ -111,20 +111,6 @@ def open_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False
                          workers, log)
 
 
-def load_chunks(spec: str, tokenizer: Tokenizer, seq_len: int, cda: bool = False) -> list[np.ndarray]:
-    """Training chunks of a documents or chat spec (chat: assistant-only loss), in memory (see `_items` for
-    `cda`); a token-shard spec is read whole."""
-    kind, source = parse_spec(spec)
-    if kind == "pairs":
-        raise DataError(f"data spec {spec!r} holds preference pairs, which only train.objective=dpo reads")
-    shards = token_shards(spec) if kind == "documents" and not cda else None
-    if shards:
-        return list(open_tokens(*shards, tokenizer, seq_len))
-    if kind == "chat":
-        return tokenize_conversations(_items(kind, source, cda), tokenizer, seq_len)
-    return tokenize_documents(_items(kind, source, cda), tokenizer, seq_len)
-
-
 def load_sequences(spec: str, tokenizer: Tokenizer, limit: int | None = None) -> list[np.ndarray]:
     """The first `limit` (default all) documents of a documents spec as [bos] + ids + [eos], or conversations
     of a chat spec as [2, n] (tokens, assistant-only loss mask), whole: what `lmjax eval lm` scores."""

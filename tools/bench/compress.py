@@ -52,7 +52,7 @@ from lmjax.eval.chat_qa import evaluate_workdir  # noqa: E402
 from lmjax.eval.lm import eval_step, lm_metrics  # noqa: E402
 from lmjax.infer.engine import Engine  # noqa: E402
 from lmjax.input.packing import eval_batches  # noqa: E402
-from lmjax.input.specs import load_chunks  # noqa: E402
+from lmjax.input.specs import open_chunks  # noqa: E402
 from lmjax.model.params import abstract_model  # noqa: E402
 from lmjax.run.checkpoint import Checkpointer  # noqa: E402
 from lmjax.run.restore import restore_model  # noqa: E402
@@ -98,7 +98,7 @@ def held_out_bpb(run: Path, val_batches: int, bfloat16: bool) -> float:
     cfg, graphdef, params, tokenizer, _ = restore_model(open_workdir(run))
     if bfloat16:
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
-    chunks = load_chunks(cfg.data.val, tokenizer, cfg.model.seq_len)
+    chunks = open_chunks(cfg.data.val, tokenizer, cfg.model.seq_len)
     batches = eval_batches(chunks, cfg.model.seq_len, 8, val_batches)
     step = jax.jit(lambda p, b, t: eval_step(p, b, t, graphdef=graphdef))
     return lm_metrics(step, params, batches, jnp.asarray(tokenizer.token_bytes()))["val_bpb"]
