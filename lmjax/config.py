@@ -16,6 +16,9 @@ from ml_collections import ConfigDict
 
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
+MLPS = ("", "gelu", "swiglu", "relu2")
+DECAYS = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
 QUANT_FORMATS = ("", "int8", "int4")
@@ -57,7 +60,7 @@ def base_config() -> ConfigDict:
     m.d_ff = 768  # MLP hidden width
     m.seq_len = 256  # training context length (also the longest prompt + reply when sampling)
     m.dropout = 0.0  # dropout on embeddings, attention output and MLP output
-    m.dtype = "bfloat16"  # compute dtype of activations and matmul inputs (matmuls accumulate in float32)
+    m.dtype = "bfloat16"  # compute dtype of activations and matmul inputs (float32 accumulation); "auto": per backend
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.cache_dtype = ""  # KV cache when decoding: "" (= dtype), float32, bfloat16 or int8 (a scale per token and head)
     m.norm_eps = 1e-5  # epsilon of LayerNorm / RMSNorm
@@ -69,6 +72,10 @@ def base_config() -> ConfigDict:
     m.rope_original_context = 8192  # llama3: the context the frequencies were pretrained for
     m.tie_embeddings = False  # share the input embedding with the output projection
     m.qkv_bias = False  # llama family: biases on the query/key/value projections (Qwen2); gpt2 always has biases
+    m.mlp = ""  # MLP kind: "" (the family's: gpt2 gelu, llama swiglu), "gelu", "swiglu" or "relu2" (relu(x)², no gate)
+    m.qk_norm = False  # RMS-normalise each head's queries and keys (learned scale) before RoPE and the dot product
+    m.zero_init_out = False  # attention-output and MLP-down projections start at zero (each block starts as identity)
+    m.logit_softcap = 0.0  # squash the output logits to (-cap, cap) with cap * tanh(logits / cap); 0 = off
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
 
     c.train = t = ConfigDict()
@@ -78,7 +85,10 @@ def base_config() -> ConfigDict:
     t.lr = 1e-3  # peak learning rate
     t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
     t.warmup_steps = 100  # linear warm-up from 0 to the peak
-    t.decay = "cosine"  # shape of the decay after warm-up: "cosine", "linear" or "constant"
+    t.decay = "cosine"  # after warm-up: "cosine", "linear", "constant" or "wsd" (constant, then linear in the cooldown)
+    t.cooldown_fraction = 0.2  # wsd: share of train.steps spent decaying linearly to lr * min_lr_ratio at the end
+    t.optimizer = "adamw"  # "adamw", or "muon" (optax's Muon on hidden matrices, AdamW on embeddings, head, norms)
+    t.muon_momentum = 0.95  # muon: momentum of the orthogonalised update (Nesterov)
     t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms and biases)
     t.b1 = 0.9  # AdamW beta1
     t.b2 = 0.95  # AdamW beta2
@@ -268,8 +278,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
             raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")
     m, t = cfg.model, cfg.train
     _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
-    for key in ("dtype", "param_dtype"):
-        _check(m[key] in DTYPES, f"model.{key} must be one of {DTYPES}, got {m[key]!r}")
+    _check(m.dtype in (*DTYPES, "auto"), f"model.dtype must be auto or one of {DTYPES}, got {m.dtype!r}")
+    _check(m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}")
     _check(m.cache_dtype in ("", *DTYPES, "int8"), f"model.cache_dtype must be '', int8 or one of {DTYPES}, "
            f"got {m.cache_dtype!r}")
     for key in ("num_layers", "num_heads", "d_model", "d_ff", "seq_len"):
@@ -286,12 +296,17 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.family != "llama" or (m.head_dim or m.d_model // m.num_heads) % 2 == 0,
            "llama head_dim must be even for RoPE")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.mlp in MLPS, f"model.mlp must be one of {MLPS}, got {m.mlp!r}")
+    _check(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     _check(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES} (what each block keeps for the "
            f"backward pass), got {m.remat!r}")
     _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")
-    _check(t.decay in ("cosine", "linear", "constant"), f"train.decay must be cosine|linear|constant, got {t.decay!r}")
+    _check(t.decay in DECAYS, f"train.decay must be one of {DECAYS}, got {t.decay!r}")
+    _check(0.0 <= t.cooldown_fraction <= 1.0, f"train.cooldown_fraction must be in [0, 1], got {t.cooldown_fraction}")
+    _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    _check(0.0 <= t.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
@@ -351,6 +366,8 @@ def _validate_lora(cfg: ConfigDict) -> None:
     except re.error as e:
         raise ConfigError(f"train.lora.target_regex {o.target_regex!r} is not a regular expression: {e}") from None
     _check(o.rank == 0 or cfg.train.objective == "lm", "train.lora supports train.objective=lm only (not DPO yet)")
+    _check(o.rank == 0 or cfg.train.optimizer == "adamw", "train.lora trains its adapters with "
+           "train.optimizer=adamw (Muon orthogonalises whole weight matrices, not low-rank factors)")
 
 
 def config_diff(old: ConfigDict, new: ConfigDict) -> dict[str, tuple]:

@@ -17,7 +17,8 @@ from lmjax.cli import main  # noqa: E402
 from lmjax.compress.run import Compression, compress_run  # noqa: E402
 from lmjax.config import ConfigError, base_config  # noqa: E402
 from lmjax.interop.hf import load_hf_checkpoint  # noqa: E402
-from lmjax.interop.hf_export import export_hf  # noqa: E402
+from lmjax.interop.hf_export import export_hf, hf_config  # noqa: E402
+from lmjax.model.config import ModelConfig  # noqa: E402
 from lmjax.model.params import init_params  # noqa: E402
 from lmjax.run.checkpoint import Checkpointer  # noqa: E402
 from lmjax.run.restore import restore_model  # noqa: E402
@@ -110,6 +111,13 @@ def test_bad_exports_are_refused(trained_run, tmp_path):
     with pytest.raises(ConfigError, match="compressed run"):
         export_hf(compressed, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "taken"]
+    for knob in ("model.qk_norm=True", "model.mlp=relu2", "model.logit_softcap=30.0"):
+        cfg = base_config()
+        key, value = knob.removeprefix("model.").split("=")
+        cfg.model[key] = type(cfg.model[key])(value == "True" if value in ("True", "False") else value)
+        cfg.model.vocab_size = 64
+        with pytest.raises(ConfigError, match=f"{knob.split('=')[0]} changes the llama architecture"):
+            hf_config(ModelConfig.from_config(cfg.model), None)
 
 
 def test_import_of_an_export_is_a_run_every_command_uses(trained_run, tmp_path, capsys):

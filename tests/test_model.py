@@ -249,3 +249,64 @@ def test_flops_per_token_follows_6n_plus_attention():
     # positions, a lookup; the tied embedding is the output matmul.
     n_matmul = 124_439_808 + (50304 - 50257) * 768 - 1024 * 768
     assert flops_per_token(cfg, shapes) == 6 * n_matmul + 12 * 12 * 768 * 1024
+
+
+def _forward(cfg, params, tokens):
+    graphdef, _, _ = abstract_model(cfg)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return nnx.merge(graphdef, params)(tokens, pos, jnp.ones(tokens.shape, jnp.int32))[0]
+
+
+def test_speedrun_knobs_build_and_do_what_they_say():
+    """model.mlp=relu2, qk_norm, zero_init_out and logit_softcap (the nanoGPT speedruns' architecture changes)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 97)
+    cfg = small_model_cfg("llama")
+    cfg.update(mlp="relu2", qk_norm=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    block = params["blocks"][0]
+    assert set(block["mlp"]) == {"up", "down"} and block["attn"]["query_norm"]["scale"].shape == (8,)
+    _, _, axes = abstract_model(cfg)
+    assert axes["blocks"][0]["attn"]["query_norm"]["scale"] == ("head_dim",)
+    logits = _forward(cfg, params, tokens)
+    # QK-norm makes attention blind to the scale of the query and key projections.
+    scaled = jax.tree.map(lambda x: x, params)
+    scaled["blocks"][0]["attn"]["query"] = 3.0 * params["blocks"][0]["attn"]["query"]
+    np.testing.assert_allclose(_forward(cfg, scaled, tokens), logits, atol=1e-4)
+    cfg.qk_norm = False
+    plain = init_params(cfg, jax.random.PRNGKey(0))
+    plain["blocks"][0]["attn"]["query"] = 3.0 * plain["blocks"][0]["attn"]["query"]
+    assert not np.allclose(_forward(cfg, plain, tokens), _forward(cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                                                                  tokens), atol=1e-4)
+    # Zero-initialised output projections: every block starts as the identity on the residual stream.
+    cfg.update(mlp="", zero_init_out=True)
+    zero = init_params(cfg, jax.random.PRNGKey(0))
+    assert not np.any(zero["blocks"][1]["attn"]["out"]) and not np.any(zero["blocks"][1]["mlp"]["down"])
+    without = jax.tree.map(lambda x: x, zero)
+    for block in without["blocks"].values():
+        block["attn"]["query"] = 0 * block["attn"]["query"]  # changes nothing: the block adds zero either way
+    np.testing.assert_array_equal(_forward(cfg, without, tokens), _forward(cfg, zero, tokens))
+    # Soft-capping bounds the real logits by the cap and keeps the padding ids masked.
+    cfg.update(zero_init_out=False, logit_softcap=2.0)
+    capped = init_params(cfg, jax.random.PRNGKey(0))
+    capped["lm_head"] = 50.0 * capped["lm_head"]
+    out = _forward(cfg, capped, tokens)
+    assert float(jnp.abs(out[..., :97]).max()) <= 2.0 and float(out[..., :97].std()) > 0.5
+    assert float(out[..., 97:].max()) == MASKED_LOGIT
+    bad = base_config()
+    bad.model.mlp = "relu3"
+    with pytest.raises(ConfigError, match="model.mlp must be one of"):
+        validate(bad)
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_a_bfloat16_matrix_unit(monkeypatch):
+    from lmjax.model import config as model_config
+
+    assert model_config.compute_dtype("auto", "gpu") == model_config.compute_dtype("auto", "tpu") == "bfloat16"
+    assert model_config.compute_dtype("float32", "tpu") == "float32"
+    monkeypatch.setattr(model_config, "cpu_has_bf16_matrix_unit", lambda: False)
+    assert model_config.compute_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(model_config, "cpu_has_bf16_matrix_unit", lambda: True)
+    assert model_config.compute_dtype("auto", "cpu") == "bfloat16"
+    knobs = small_model_cfg("gpt2")
+    knobs.dtype = "auto"
+    assert ModelConfig.from_config(knobs).dtype == "bfloat16"

@@ -91,6 +91,9 @@ MIXED = ["model.dtype=bfloat16", "train.grad_accum=2"]  # mixed precision with g
 # adversarial training (FreeLB from random starts: ascent loop, RNG and accumulation inside the sharded step)
 ADVERSARIAL = ["train.adversarial.method=freelb", "train.adversarial.steps=2", "train.adversarial.init=random",
                "train.grad_accum=2"]
+# the speedrun recipe: Muon (Newton-Schulz on sharded matrices) with WSD, QK-norm, ReLU², zero-init, soft-capping
+SPEEDRUN = ["train.optimizer=muon", "train.decay=wsd", "train.warmup_steps=2", "model.qk_norm=True",
+            "model.mlp=relu2", "model.zero_init_out=True", "model.logit_softcap=15.0"]
 # float32: sharded runs differ from one device only in the order of cross-device sums (gradient
 # all-reduces, sharded matmul contractions), ~1e-7 relative per op; over 10 Adam steps the losses differ
 # by <= 2e-6 (measured), while one wrongly sharded or double-counted op moves them by > 1e-2.
@@ -120,12 +123,14 @@ def mesh_runs(tmp_path_factory) -> dict:
     eight = _run(out, 8, [{"name": n, "overrides": common + o} for n, o in STRATEGIES.items()]
                  + [{"name": "fsdp8_to_tp2dp4", "overrides": common + STRATEGIES["tp2dp4"], **moved},
                     {"name": "mixed_dp2fsdp2tp2", "overrides": common + MIXED + STRATEGIES["dp2fsdp2tp2"]},
-                    {"name": "freelb_dp2fsdp2tp2", "overrides": common + ADVERSARIAL + STRATEGIES["dp2fsdp2tp2"]}])
+                    {"name": "freelb_dp2fsdp2tp2", "overrides": common + ADVERSARIAL + STRATEGIES["dp2fsdp2tp2"]},
+                    {"name": "speedrun_dp2fsdp2tp2", "overrides": common + SPEEDRUN + STRATEGIES["dp2fsdp2tp2"]}])
     tokenizer = f"tokenizer.path={out / 'dp8' / 'tokenizer'}"
     one = _run(out, 1, [{"name": "single", "overrides": [*common, tokenizer, "mesh.data=1"]},
                         {"name": "fsdp8_to_single", "overrides": [*common, "mesh.data=1"], **moved},
                         {"name": "mixed_single", "overrides": [*common, *MIXED, tokenizer, "mesh.data=1"]},
-                        {"name": "freelb_single", "overrides": [*common, *ADVERSARIAL, tokenizer, "mesh.data=1"]}])
+                        {"name": "freelb_single", "overrides": [*common, *ADVERSARIAL, tokenizer, "mesh.data=1"]},
+                        {"name": "speedrun_single", "overrides": [*common, *SPEEDRUN, tokenizer, "mesh.data=1"]}])
     return {**eight, **one}
 
 
@@ -164,6 +169,12 @@ def test_adversarial_training_under_sharding(mesh_runs):
     assert _losses(mesh_runs["freelb_dp2fsdp2tp2"]) == pytest.approx(_losses(mesh_runs["freelb_single"]),
                                                                      abs=LOSS_TOL)
     assert _losses(mesh_runs["freelb_single"]) != _losses(mesh_runs["single"])
+
+
+def test_muon_and_the_speedrun_architecture_under_sharding(mesh_runs):
+    assert _losses(mesh_runs["speedrun_dp2fsdp2tp2"]) == pytest.approx(_losses(mesh_runs["speedrun_single"]),
+                                                                       abs=LOSS_TOL)
+    assert _losses(mesh_runs["speedrun_single"]) != _losses(mesh_runs["single"])
 
 
 @pytest.mark.parametrize("target", ["fsdp8_to_tp2dp4", "fsdp8_to_single"])

@@ -14,11 +14,12 @@ import pytest
 from conftest import tiny_config, tiny_overrides, xla_cache_env
 
 from lmjax.cli import main
-from lmjax.model.params import abstract_model
+from lmjax.config import ConfigError, validate
+from lmjax.model.params import abstract_model, init_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
 from lmjax.train.loop import train
-from lmjax.train.optim import decay_mask, lr_schedule, make_optimizer
+from lmjax.train.optim import decay_mask, lr_schedule, make_optimizer, muon_dimensions
 from lmjax.train.step import init_state, train_step
 
 LMJAX = [sys.executable, "-m", "lmjax.cli"]
@@ -241,3 +242,33 @@ def test_plan_cli_reports_sharded_memory(capsys):
     assert status == 0, err
     assert "6,738,415,616" in out and "'fsdp': 256" in out
     assert "fits 16 GB per device: yes" in out  # with the config's remat=full and grad_accum=4
+
+
+def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
+    cfg = tiny_config("train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1",
+                      "train.decay=wsd", "train.cooldown_fraction=0.2").train
+    lr = lr_schedule(cfg)
+    assert float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == float(lr(79)) == pytest.approx(1.0)
+    assert float(lr(90)) == pytest.approx(0.55) and float(lr(100)) == pytest.approx(0.1)
+
+
+def test_muon_orthogonalises_the_block_matrices_and_adamw_takes_the_rest():
+    cfg = tiny_config("train.optimizer=muon", "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0")
+    _, shapes, _ = abstract_model(_with_vocab(cfg.model))
+    dims = muon_dimensions(shapes)
+    assert dims["blocks"][0]["attn"]["out"].reduction_axis == (0, 1) and dims["blocks"][0]["mlp"]["down"]
+    assert dims["embed"] is None and dims["lm_head"] is None and dims["blocks"][0]["attn_norm"]["scale"] is None
+    params = init_params(cfg.model, jax.random.PRNGKey(0))
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+    tx = make_optimizer(cfg.train)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    query = np.asarray(updates["blocks"][0]["attn"]["query"]).reshape(cfg.model.d_model, -1)
+    singular = np.linalg.svd(query / np.abs(query).max(), compute_uv=False)
+    # orthogonalised: a flat spectrum, all but the smallest few singular values within 2x of the largest (5
+    # Newton-Schulz steps leave the very smallest behind); a random matrix's spread from 0 to the largest
+    assert np.percentile(singular, 10) > 0.5 * singular.max()
+    raw = np.linalg.svd(np.asarray(grads["blocks"][0]["attn"]["query"]).reshape(cfg.model.d_model, -1),
+                        compute_uv=False)
+    assert np.percentile(raw, 10) < 0.3 * raw.max()
+    with pytest.raises(ConfigError, match="optimizer=adamw"):
+        validate(tiny_config("train.optimizer=muon", "train.lora.rank=4", "init_from=x"))

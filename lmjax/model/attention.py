@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmjax.model.config import ModelConfig
-from lmjax.model.layers import apply_rope, param, project
+from lmjax.model.layers import RMSNorm, apply_rope, param, project
 from lmjax.parallel.rules import constrain
 
 
@@ -56,7 +56,7 @@ class Attention(nnx.Module):
     a fixed-size cache from each row's own slot `index[b]`, and queries see every valid slot of their row up to
     their own."""
 
-    def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, out_std: float | None, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
@@ -74,12 +74,18 @@ class Attention(nnx.Module):
             self.value_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pdt, std=None)
         if self.use_bias:
             self.out_bias = param(rngs, (d,), ("embed",), pdt, std=None)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one scale per head_dim channel, shared by the heads (as in OLMo 2 and Qwen3)
+            self.query_norm = RMSNorm(hd, cfg.norm_eps, pdt, rngs, axis="head_dim")
+            self.key_norm = RMSNorm(hd, cfg.norm_eps, pdt, rngs, axis="head_dim")
 
     def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         biases = (self.query_bias, self.key_bias, self.value_bias) if self.qkv_bias else (None, None, None)
         q = project(x, self.query, "btd,dhk->bthk", self.dtype, biases[0])
         k = project(x, self.key, "btd,dhk->bthk", self.dtype, biases[1])
         v = project(x, self.value, "btd,dhk->bthk", self.dtype, biases[2])
+        if self.qk_norm:
+            q, k = self.query_norm(q), self.key_norm(k)
         if self.rope is not None:
             q = apply_rope(q, positions, self.rope)
             k = apply_rope(k, positions, self.rope)

@@ -6,7 +6,10 @@ Being a frozen dataclass of plain values, a ModelConfig is hashable and can be a
 """
 
 import dataclasses
+import functools
+from pathlib import Path
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -20,10 +23,33 @@ TENSOR_PARALLEL_AXES = {
 }
 
 
+FAMILY_MLP = {"gpt2": "gelu", "llama": "swiglu"}  # what `model.mlp=""` means
+
+
+@functools.cache
+def cpu_has_bf16_matrix_unit() -> bool:
+    """Whether this host's CPU multiplies bfloat16 matrices in hardware (Intel AMX), read from /proc/cpuinfo."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def compute_dtype(setting: str, backend: str) -> str:
+    """`model.dtype` with "auto" resolved: bfloat16 on GPUs and TPUs; on a CPU, bfloat16 only with a bfloat16
+    matrix unit, else float32, which trains and decodes faster there end to end (XLA widens bfloat16 matmul
+    inputs and the elementwise work costs more; docs/benchmarks.md, "Compute dtype")."""
+    if setting != "auto":
+        return setting
+    if backend != "cpu":
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16_matrix_unit() else "float32"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The `model.*` knobs of `lmjax.config.base_config` (see there); `num_kv_heads` and `head_dim` hold
-    their resolved values, never 0."""
+    """The `model.*` knobs of `lmjax.config.base_config` (see there); `num_kv_heads`, `head_dim` and `mlp` hold
+    their resolved values, never 0 or ""."""
 
     family: str
     vocab_size: int
@@ -48,6 +74,10 @@ class ModelConfig:
     rope_original_context: int
     tie_embeddings: bool
     qkv_bias: bool
+    mlp: str
+    qk_norm: bool
+    zero_init_out: bool
+    logit_softcap: float
     remat: str
 
     @classmethod
@@ -58,6 +88,8 @@ class ModelConfig:
         values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)}
         values["num_kv_heads"] = cfg.num_kv_heads or cfg.num_heads
         values["head_dim"] = cfg.head_dim or cfg.d_model // cfg.num_heads
+        values["mlp"] = cfg.mlp or FAMILY_MLP[cfg.family]
+        values["dtype"] = compute_dtype(cfg.dtype, jax.default_backend())
         return cls(**values)
 
     def rope_frequencies(self) -> np.ndarray:

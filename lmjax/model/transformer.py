@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 
 from lmjax.model.attention import Attention, write_at
 from lmjax.model.config import ModelConfig
-from lmjax.model.layers import PROJECTION, GeluMLP, LayerNorm, RMSNorm, SwiGLU, dropout, head_logits, param
+from lmjax.model.layers import MLPS, PROJECTION, LayerNorm, RMSNorm, dropout, head_logits, param
 from lmjax.model.quantized import QArray, take_rows
 from lmjax.parallel.rules import constrain
 
@@ -40,9 +40,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
-        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        out_std = None if cfg.zero_init_out else 0.02 / math.sqrt(2 * cfg.num_layers)  # None: zeros
         norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
-        mlp = GeluMLP if cfg.family == "gpt2" else SwiGLU
+        mlp = MLPS[cfg.mlp]
         self.dropout = cfg.dropout
         self.attn_norm = norm(cfg.d_model, cfg.norm_eps, pdt, rngs)
         self.attn = Attention(cfg, out_std, rngs)
@@ -76,6 +76,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
         self.tie_embeddings = cfg.tie_embeddings
+        self.logit_softcap = cfg.logit_softcap
         self.remat = cfg.remat
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, vocab), ("embed", "vocab"), pdt)
@@ -120,6 +121,8 @@ class Transformer(nnx.Module):
             logits = head_logits(x, self.embed, "btd,vd->btv", self.dtype)
         else:
             logits = head_logits(x, self.lm_head, "btd,dv->btv", self.dtype)
+        if self.logit_softcap:
+            logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
         if logits.shape[-1] > self.vocab_size:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, MASKED_LOGIT)
         logits = constrain(logits, ("batch", "length", "vocab"))

@@ -16,10 +16,10 @@ from lmjax.run.workdir import Workdir
 from lmjax.text.tokenizer import Tokenizer, load_tokenizer
 
 SHAPE_KEYS = ("family", "vocab_size", "vocab_multiple", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "d_model", "d_ff", "tie_embeddings", "qkv_bias", "param_dtype")
+              "d_model", "d_ff", "tie_embeddings", "qkv_bias", "mlp", "qk_norm", "param_dtype")
 # What a model computes beyond its shapes; with SHAPE_KEYS, what `init_model` takes from the init_from run.
 ARCH_KEYS = ("norm_eps", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-             "rope_original_context")
+             "rope_original_context", "logit_softcap")
 
 
 class Restored(NamedTuple):

@@ -23,6 +23,7 @@ from lmjax.config import ConfigError, base_config, config_diff, validate
 from lmjax.infer.sampler import Sampler
 from lmjax.input import specs
 from lmjax.input.loaders import loader_count
+from lmjax.model.config import compute_dtype
 from lmjax.model.lora import LoraSpec, adapter_axes, attach
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
@@ -114,6 +115,9 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     """Checks `cfg` against the devices, the workdir and init_from, settles the tokenizer and the knobs
     decided at the first start, and saves config.json. Reads no training data and compiles nothing."""
     validate(cfg)
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = compute_dtype("auto", jax.default_backend())
+        log(f"model.dtype=auto: computing in {cfg.model.dtype} on {jax.default_backend()}")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
                           "in float16; train in bfloat16 or float32 (float16 is fine for inference)")

@@ -1,12 +1,21 @@
-"""AdamW with warm-up and decay, global-norm clipping, no weight decay on norms and biases."""
+"""The optimizer: AdamW, or Muon on the hidden matrices with AdamW on the rest; warm-up and decay; global-norm
+clipping; no weight decay on norms and biases."""
 
 import jax
 import optax
 from ml_collections import ConfigDict
 
+# Muon's view of each hidden matrix, by parameter name: (reduction axes, output axes) of `x @ W`. Attention's
+# [D, H, hd] and [H, hd, D] weights are orthogonalised as the [D, H*hd] and [H*hd, D] matrices they are.
+MUON_AXES = {
+    "query": ((0,), (1, 2)), "key": ((0,), (1, 2)), "value": ((0,), (1, 2)), "out": ((0, 1), (2,)),
+    "fc_in": ((0,), (1,)), "gate": ((0,), (1,)), "up": ((0,), (1,)), "fc_out": ((0,), (1,)), "down": ((0,), (1,)),
+}
+
 
 def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
-    """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio` (or constant)."""
+    """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, constant, or "wsd": constant
+    until the last `cooldown_fraction` of the steps, then linear to `lr * min_lr_ratio`."""
     t = train_cfg
     warmup = min(t.warmup_steps, t.steps)
     peak, end = t.lr, t.lr * t.min_lr_ratio
@@ -15,25 +24,54 @@ def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=t.min_lr_ratio)
     elif t.decay == "linear":
         decay = optax.linear_schedule(peak, end, decay_steps)
+    elif t.decay == "wsd":
+        cooldown = min(round(t.cooldown_fraction * t.steps), decay_steps)
+        decay = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, cooldown)],
+                                     [decay_steps - cooldown])
     else:
         decay = optax.constant_schedule(peak)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def _name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
 def decay_mask(params):
     """True for weights (decayed), False for norm scales and biases (named `scale`, `*bias`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not (_name(path) == "scale" or _name(path).endswith(
+        "bias")), params)
 
-    def decayed(path, _) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not (name == "scale" or name.endswith("bias"))
 
-    return jax.tree_util.tree_map_with_path(decayed, params)
+def muon_dimensions(params):
+    """Muon's dimension numbers for the blocks' matrices (`MUON_AXES`); None (AdamW) for everything else: the
+    embeddings, the output head, norms and biases."""
+
+    def dims(path, _):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if "blocks" not in keys or _name(path) not in MUON_AXES:
+            return None
+        reduction, output = MUON_AXES[_name(path)]
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def make_optimizer(train_cfg: ConfigDict) -> optax.GradientTransformation:
-    """The optimizer the train step applies: clip (or nothing when grad_clip is 0), then AdamW. The state
-    has the same structure either way, so a checkpoint restores whatever grad_clip is."""
+    """The optimizer the train step applies: clip (or nothing when grad_clip is 0), then AdamW, or optax's Muon.
+    The state has the same structure whatever grad_clip is, so a checkpoint restores either way.
+
+    Muon (Nesterov momentum `muon_momentum`, Newton-Schulz orthogonalisation) updates the blocks' matrices with
+    its updates scaled to AdamW's RMS (`consistent_rms=0.2`), so one `lr` serves both groups and the AdamW
+    settings carry over; it decays them by `weight_decay`. The AdamW group (embeddings, head, norms, biases) takes
+    the same schedule without weight decay: optax's Muon has no mask for that group."""
     t = train_cfg
-    adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+    schedule = lr_schedule(t)
+    if t.optimizer == "muon":
+        inner = optax.contrib.muon(schedule, beta=t.muon_momentum, eps=t.eps, weight_decay=t.weight_decay,
+                                   weight_decay_mask=decay_mask, adam_b1=t.b1, adam_b2=t.b2,
+                                   muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
+    else:
+        inner = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
-    return optax.chain(clip, adamw)
+    return optax.chain(clip, inner)
