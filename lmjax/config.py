@@ -18,6 +18,7 @@ FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 QUANT_FORMATS = ("", "int8", "int4")
 # What train.lora.targets may name: "mlp" (the family's MLP projections) or one projection by lmjax's name.
 LORA_TARGETS = ("mlp", "query", "key", "value", "out", "fc_in", "fc_out", "gate", "up", "down")
@@ -43,7 +44,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.init_from = ""  # run directory whose parameters and tokenizer start this run (fine-tuning; DPO's reference)
     c.init_from_step = -1  # checkpoint step of init_from to start from; -1 = its latest (recorded at the first start)
-    c.init_model = False  # take model.* from init_from, all but seq_len (llama), dtype, cache_dtype, dropout, remat
+    c.init_model = False  # take init_from's model.* but seq_len (llama), dtype, cache_dtype, dropout, remat, attention
 
     c.model = m = ConfigDict()
     m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
@@ -70,6 +71,7 @@ def base_config() -> ConfigDict:
     m.tie_embeddings = False  # share the input embedding with the output projection
     m.qkv_bias = False  # llama family: biases on the query/key/value projections (Qwen2); gpt2 always has biases
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
+    m.attention = "auto"  # training attention: auto (per backend), xla, cudnn (GPU), splash (TPU) or blockwise (flash)
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps in total
@@ -288,6 +290,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES} (what each block keeps for the "
            f"backward pass), got {m.remat!r}")
+    _check(m.attention in ATTENTION_IMPLEMENTATIONS, f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+           f"got {m.attention!r}")
     _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")

@@ -49,6 +49,7 @@ class ModelConfig:
     tie_embeddings: bool
     qkv_bias: bool
     remat: str
+    attention: str
 
     @classmethod
     def from_config(cls, cfg: "ConfigDict | ModelConfig") -> "ModelConfig":
