@@ -92,7 +92,7 @@ def base_config() -> ConfigDict:
     t.ckpt_every = 200  # steps between checkpoints (one is always written at the end and on SIGTERM)
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
-    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = spec sheet bf16 peak on known GPUs/TPUs, else measured matmul
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
