@@ -21,6 +21,7 @@ DECAYS = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("nothing", "dots", "full")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blockwise")
 QUANT_FORMATS = ("", "int8", "int4")
 # What train.lora.targets may name: "mlp" (the family's MLP projections) or one projection by lmjax's name.
 LORA_TARGETS = ("mlp", "query", "key", "value", "out", "fc_in", "fc_out", "gate", "up", "down")
@@ -46,7 +47,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.init_from = ""  # run directory whose parameters and tokenizer start this run (fine-tuning; DPO's reference)
     c.init_from_step = -1  # checkpoint step of init_from to start from; -1 = its latest (recorded at the first start)
-    c.init_model = False  # take model.* from init_from, all but seq_len (llama), dtype, cache_dtype, dropout, remat
+    c.init_model = False  # take init_from's model.* but seq_len (llama), dtype, cache_dtype, dropout, remat, attention
 
     c.model = m = ConfigDict()
     m.family = "llama"  # "gpt2" (learned positions, LayerNorm, GELU, biases) or "llama" (RoPE, RMSNorm, SwiGLU)
@@ -77,6 +78,7 @@ def base_config() -> ConfigDict:
     m.zero_init_out = False  # attention-output and MLP-down projections start at zero (each block starts as identity)
     m.logit_softcap = 0.0  # squash the output logits to (-cap, cap) with cap * tanh(logits / cap); 0 = off
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
+    m.attention = "auto"  # training attention: auto (per backend), xla, cudnn (GPU), splash (TPU) or blockwise (flash)
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps in total
@@ -100,7 +102,7 @@ def base_config() -> ConfigDict:
     t.ckpt_every = 200  # steps between checkpoints (one is always written at the end and on SIGTERM)
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
-    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = spec sheet bf16 peak on known GPUs/TPUs, else measured matmul
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
@@ -300,6 +302,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
     _check(m.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES} (what each block keeps for the "
            f"backward pass), got {m.remat!r}")
+    _check(m.attention in ATTENTION_IMPLEMENTATIONS, f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+           f"got {m.attention!r}")
     _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")

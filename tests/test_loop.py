@@ -15,8 +15,23 @@ from lmjax.config import ConfigError
 from lmjax.eval.baselines import unigram_bpb
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.train import loop
-from lmjax.train.metrics import MetricsWriter
+from lmjax.train.metrics import MetricsWriter, mfu_peak, spec_peak_flops
 from lmjax.train.objectives import Objective
+
+
+@pytest.mark.parametrize("device_kind, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L4", 121), ("TPU v4", 275),
+    ("TPU v5 lite", 197), ("TPU v5e", 197), ("TPU v5", 459), ("TPU v5p", 459), ("TPU v6 lite", 918),
+    ("NVIDIA L40S", 0), ("TPU v4 lite", 0), ("cpu", 0),
+])
+def test_the_mfu_peak_of_an_accelerator_is_its_spec_sheet_bf16_peak(device_kind, tflops):
+    assert spec_peak_flops(device_kind) == tflops * 1e12
+
+
+def test_the_mfu_peak_on_cpu_is_measured():
+    peak, source = mfu_peak("float32")
+    assert source == "measured, float32" and peak > 1e9
 
 
 def test_float16_training_is_refused_before_anything_happens(tmp_path):

@@ -36,6 +36,9 @@ MEMORY_CASES = [
                    "train.batch_size=4"], ["nothing", "full"]),
     ("llama-f32", ["model.num_layers=4", "model.d_model=256", "model.d_ff=1024", "tokenizer.vocab_size=512",
                    "train.batch_size=4"], ["dots"]),
+    ("llama-bf16-blockwise", ["model.dtype=bfloat16", "model.num_layers=4", "model.seq_len=256", "model.d_ff=128",
+                              "tokenizer.vocab_size=512", "train.batch_size=4", "model.attention=blockwise"],
+     ["nothing"]),
 ]
 
 
@@ -129,6 +132,7 @@ def test_activation_estimate_tracks_the_compiled_train_step_and_full_remat_shrin
             assert 0.5 <= measured[f"{name}/{remat}"] / estimate <= 2.0, (name, remat, measured, estimate)
     assert measured["llama-bf16/full"] < 0.8 * measured["llama-bf16/nothing"], measured
     assert measured["llama-bf16/dots"] < measured["llama-bf16/nothing"], measured
+    assert measured["llama-bf16-blockwise/nothing"] < 0.8 * measured["llama-bf16/nothing"], measured
 
 
 def _direct_state_bytes(cfg, sizes: dict[str, int]) -> dict[str, int]:
@@ -178,6 +182,22 @@ def test_plan_state_bytes_are_exact_for_llama_1b_on_one_80gb_device():
     assert "largest train.batch_size that fits" in text
     by_remat = p["activation_bytes_by_remat"]
     assert by_remat["full"] < by_remat["dots"] < by_remat["nothing"]
+
+
+def test_flash_attention_drops_the_probabilities_from_the_estimate():
+    """blockwise, cudnn and splash keep a log-sum-exp [B,H,T] float32 where XLA keeps the [B,H,T,T]
+    probabilities (float32 and bfloat16) and holds their gradients; cudnn adds the [B,1,T,T] segment bias and
+    its gradient. auto is resolved for the backend the plan is made for."""
+    cfg = tiny_config("model.seq_len=1024", "model.dtype=bfloat16", "train.batch_size=8", "mesh.data=1")
+    by = {a: plan(apply_overrides(cfg, [f"model.attention={a}"]), 1, 2) for a in ("xla", "blockwise", "cudnn")}
+    B, H, T, layers = 8, 4, 1024, 2
+    probabilities, lse, bias = B * H * T * T * (4 + 2), B * H * T * 4, B * T * T * 2
+    xla, flash = by["xla"]["activation_bytes_per_device"], by["blockwise"]["activation_bytes_per_device"]
+    assert xla - flash == layers * (probabilities - lse) + B * H * T * T * 8  # kept per layer; gradient temporaries
+    assert by["cudnn"]["activation_bytes_per_device"] == flash + 2 * bias
+    assert by["blockwise"]["max_batch_size"] > by["xla"]["max_batch_size"]
+    assert by["xla"]["attention"] == "xla" and "model.attention:      blockwise\n" in format_plan(by["blockwise"])
+    assert "model.attention:      splash (auto on tpu)" in format_plan(plan(cfg, 1, backend="tpu"))
 
 
 def test_plan_is_fast_and_the_cli_prints_the_remat_table():

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmjax.model.attention_kernels import attend
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import RMSNorm, apply_rope, param, project
 from lmjax.parallel.rules import constrain
@@ -52,7 +53,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 class Attention(nnx.Module):
-    """Self-attention. Training: causal within each packed segment. Decoding: keys and values go into
+    """Self-attention. Training: causal within each packed segment, by the implementation `model.attention`
+    names (lmjax/model/attention_kernels.py). Decoding: keys and values go into
     a fixed-size cache from each row's own slot `index[b]`, and queries see every valid slot of their row up to
     their own."""
 
@@ -60,6 +62,7 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.implementation = cfg.attention
         # RoPE inverse frequencies as a static tuple (not a parameter); None for GPT-2's learned positions.
         self.rope = tuple(cfg.rope_frequencies().tolist()) if cfg.family == "llama" else None
         self.query = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
@@ -106,9 +109,7 @@ class Attention(nnx.Module):
         q, k, v = self._project_qkv(x, positions)
         length = x.shape[1]
         if cache is None:
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-            causal = jnp.tril(jnp.ones((length, length), bool))
-            mask = (same_segment & causal)[:, None]
+            attended = attend(q, k, v, segment_ids, self.implementation)
         else:
             cache = update_cache(cache, k, v, index)
             k, v = read_cache(cache, "k", q.dtype), read_cache(cache, "v", q.dtype)
@@ -117,8 +118,5 @@ class Attention(nnx.Module):
             seen = key_slot <= query_slot[..., None]
             mask = (valid[:, None, :] & seen) | (key_slot == query_slot[..., None])
             attended = cached_attention(q, k, v, mask)
-            out = project(attended, self.out, "bthk,hkd->btd", self.dtype, self.out_bias if self.use_bias else None)
-            return out, cache
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
         out = project(attended, self.out, "bthk,hkd->btd", self.dtype, self.out_bias if self.use_bias else None)
         return out, cache

@@ -79,6 +79,7 @@ class ModelConfig:
     zero_init_out: bool
     logit_softcap: float
     remat: str
+    attention: str
 
     @classmethod
     def from_config(cls, cfg: "ConfigDict | ModelConfig") -> "ModelConfig":

@@ -88,6 +88,11 @@ def use_rules(mesh: Mesh, rules: Mapping[str, str]) -> Iterator[None]:
         _active.pop()
 
 
+def active_mesh() -> tuple[Mesh, Mapping[str, str]] | None:
+    """The mesh and rules of the innermost `use_rules` block, or None outside one."""
+    return _active[-1] if _active else None
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Sharding constraint on an activation by logical axis names (identity outside `use_rules`)."""
     if not _active:

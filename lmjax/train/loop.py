@@ -34,7 +34,7 @@ from lmjax.run.restore import check_init_from, init_params_from, lora_base, star
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
 from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
-from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses
+from lmjax.train.metrics import MetricsWriter, format_duration, log, mfu_peak, plot_losses
 from lmjax.train.objectives import (
     BatchShardings,
     Objective,
@@ -306,9 +306,9 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
 
     n_params = count_params(abstract_params)
     flops_token = flops_per_token(m_cfg, abstract_params)
-    peak = t_cfg.peak_tflops * 1e12 or measure_matmul_peak(m_cfg.dtype)
+    peak, peak_source = (t_cfg.peak_tflops * 1e12, "train.peak_tflops") if t_cfg.peak_tflops else mfu_peak(m_cfg.dtype)
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
-        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({m_cfg.dtype})")
+        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source})")
 
     if (adv := t_cfg.adversarial).method != "none":
         log(f"adversarial training: {adv.method} (eps {adv.eps:g}, alpha {adv.alpha:g}, {adv.steps} step(s), "

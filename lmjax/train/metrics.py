@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -22,6 +23,35 @@ def measure_matmul_peak(dtype: str = "bfloat16", size: int = 2048, reps: int = 7
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / float(np.median(times))
+
+
+# Dense bfloat16 TFLOP/s per chip from the vendors' spec sheets (without sparsity), by a pattern of JAX's
+# `device_kind`; the first match wins, so variants come before their family.
+PEAK_TFLOPS = (
+    (r"H100.*PCIe", 756.0),
+    (r"H[12]00 NVL", 835.0),
+    (r"H100|H200", 989.0),  # SXM
+    (r"A100", 312.0),
+    (r"\bL4\b", 121.0),
+    (r"^TPU v4$", 275.0),
+    (r"^TPU v5 ?(lite|e)$", 197.0),  # v5e
+    (r"^TPU v5p?$", 459.0),  # v5p
+    (r"^TPU v6 ?(lite|e)$", 918.0),  # v6e (Trillium)
+)
+
+
+def spec_peak_flops(device_kind: str) -> float:
+    """Peak bfloat16 FLOP/s of one chip of `device_kind` by `PEAK_TFLOPS`; 0.0 for a kind it does not list."""
+    return next((tflops * 1e12 for pattern, tflops in PEAK_TFLOPS if re.search(pattern, device_kind)), 0.0)
+
+
+def mfu_peak(dtype: str) -> tuple[float, str]:
+    """The denominator of MFU and where it comes from: the spec-sheet bfloat16 peak of a known GPU / TPU, else
+    (CPUs, unlisted accelerators) a matmul in `dtype` measured now."""
+    device = jax.devices()[0]
+    if device.platform != "cpu" and (peak := spec_peak_flops(device.device_kind)):
+        return peak, f"{device.device_kind} spec sheet, bfloat16"
+    return measure_matmul_peak(dtype), f"measured, {dtype}"
 
 
 class MetricsWriter:

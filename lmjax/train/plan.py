@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, validate
+from lmjax.model.attention_kernels import resolve_attention
 from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
 from lmjax.model.lora import LoraSpec, adapter_axes, frozen_base
 from lmjax.model.params import abstract_model, count_params, flops_per_token
@@ -35,10 +36,11 @@ def _bytes_per_device(tree, specs, sizes: dict[str, int]) -> int:
     return sum(jax.tree.leaves(jax.tree.map(shard_bytes, tree, specs)))
 
 
-def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, remat: str,
+def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, remat: str, attention: str = "xla",
                      block_weight_bytes: int = 0, gathered_weight_bytes: int = 0) -> int:
     """Estimated peak per-device bytes of activations for one micro-batch of `micro_batch` sequences (all
-    shards together) under the rematerialisation policy `remat`; an analytic model, not a measurement.
+    shards together) under the rematerialisation policy `remat` and the attention implementation `attention`
+    (a resolved `model.attention`: xla, blockwise, cudnn or splash); an analytic model, not a measurement.
 
     B micro-batch, T seq_len, D d_model, H / K query / key-value heads of width hd, F d_ff, V padded vocab,
     L layers;
@@ -60,6 +62,10 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     [B,T,max(D,F)]; outside the blocks, the final norm's input and output 2[B,T,D]s, the
     float32 logits [B,T,V]4 (their softmax, kept for the loss gradient, takes their place) and that
     gradient [B,T,V]4.
+    The [B,H,T,T] terms are XLA's (`xla`), which materialises the probabilities. The flash implementations
+    (blockwise, cudnn, splash) keep the log-sum-exp [B,H,T]4 in their place and recompute the probabilities
+    tile by tile in the backward pass (temporaries of a tile, not counted); `cudnn` also holds the segment
+    mask as an additive bias [B,1,T,T]s, computed once for all blocks, and its gradient [B,1,T,T]s.
     Not exact: XLA fuses elementwise ops (it may keep or recompute a cast, keep a norm's float32 input),
     reuses buffers and orders the backward pass its own way, so the compiled peak is within about 0.5x-2x
     of this (tests/test_plan.py compares it with `memory_analysis()` on CPU).
@@ -75,13 +81,17 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     resid = per_device((B, T, D), ("batch", "length", "embed"), s)
     q = per_device((B, T, H, hd), ("batch", "length", "heads", "head_dim"), s)
     kv = 2 * per_device((B, T, K, hd), ("batch", "length", "kv_heads", "head_dim"), s)
-    scores = per_device((B, H, T, T), ("batch", "heads", "length", None), 1)
+    if attention == "xla":
+        scores, lse, bias = per_device((B, H, T, T), ("batch", "heads", "length", None), 1), 0, 0
+    else:
+        scores, lse = 0, per_device((B, H, T), ("batch", "heads", "length"), 4)
+        bias = per_device((B, 1, T, T), ("batch", None, "length", None), s) if attention == "cudnn" else 0
     hidden = per_device((B, T, F), ("batch", "length", "mlp"), s)
     widest = per_device((B, T, max(D, F)), ("batch", "length", "mlp" if F > D else "embed"), 4)
     logits = per_device((B, T, V), ("batch", "length", "vocab"), 1)
     llama = m.family == "llama"
     kept = {
-        "nothing": 4 * resid + 2 * q + kv + scores * (4 + (s if s < 4 else 0)) + (3 if llama else 2) * hidden
+        "nothing": 4 * resid + 2 * q + kv + scores * (4 + (s if s < 4 else 0)) + lse + (3 if llama else 2) * hidden
         + (2 * resid / s if m.dropout > 0 else 0) + (block_weight_bytes if s < 4 else 0),
         "dots": 2 * resid + q + kv + (2 if llama else 1) * hidden,
         "full": resid,
@@ -89,7 +99,7 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     if remat not in kept:
         raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
     block_backward = kept["nothing"] - kept[remat] + gathered_weight_bytes + 8 * scores + 4 * widest
-    outside = 2 * resid + 8 * logits
+    outside = 2 * resid + 8 * logits + 2 * bias
     return int(m.num_layers * kept[remat] + block_backward + outside)
 
 
@@ -128,15 +138,19 @@ def check_sharding(cfg: ConfigDict, sizes: dict[str, int]) -> list[str]:
     return check_model_fits_mesh(shapes, axes, dict(cfg.mesh.rules), sizes, TENSOR_PARALLEL_AXES)
 
 
-def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> dict:
+def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backend: str = "") -> dict:
     """Parameter count, training FLOPs (with remat's recomputation), per-device bytes of params / grads /
     optimizer state (of a LoRA run: the frozen base in its dtype, and the adapters with their gradients and
     optimizer state) and the estimated activations of one micro-batch (see `activation_bytes`) for each
-    remat policy. Given `device_memory_gb` (1 GB = 1e9 bytes), also whether the configured run fits and
-    the largest train.batch_size that does (same grad_accum and remat, a multiple of the batch shards)."""
+    remat policy, with `model.attention=auto` resolved for `backend` ("cpu", "gpu", "tpu"; "" = this
+    process's default backend). Given `device_memory_gb` (1 GB = 1e9 bytes), also whether the configured
+    run fits and the largest train.batch_size that does (same grad_accum and remat, a multiple of the batch
+    shards)."""
     validate(cfg)
     cfg = _with_vocab(cfg)
     m, t = ModelConfig.from_config(cfg.model), cfg.train
+    backend = backend or jax.default_backend()
+    attention = resolve_attention("auto", backend, m.dtype, m.head_dim) if m.attention == "auto" else m.attention
     sizes = mesh_shape(cfg.mesh, num_devices)
     rules = dict(cfg.mesh.rules)
     _, params, axes = abstract_model(m)
@@ -163,7 +177,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     weights = {"block_weight_bytes": int(_bytes_per_device(block, block_specs, sizes) * to_compute),
                "gathered_weight_bytes": int(_bytes_per_device(block, block_specs, {**sizes, "fsdp": 1}) * to_compute)}
     shards, micro = batch_shards(rules, sizes), t.batch_size // t.grad_accum
-    activations = {r: activation_bytes(cfg, sizes, micro, r, **weights) for r in REMAT_POLICIES}
+    activations = {r: activation_bytes(cfg, sizes, micro, r, attention, **weights) for r in REMAT_POLICIES}
 
     # Parameters as allocated: the vocabulary's padding rows (and columns of an untied output projection)
     # are counted here and in the FLOPs, which the output matmul spends on them too.
@@ -182,6 +196,8 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
         "flops_per_step_by_remat": flops_by_remat,
         "mesh": sizes,
         "remat": m.remat,
+        "attention": attention,
+        "attention_auto_backend": backend if m.attention == "auto" else "",
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
         "seq_len": m.seq_len,
@@ -205,7 +221,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0) -> di
     }
     if device_memory_gb > 0:
         budget = device_memory_gb * 1e9
-        one, two = (activation_bytes(cfg, sizes, k * shards, m.remat, **weights) for k in (1, 2))
+        one, two = (activation_bytes(cfg, sizes, k * shards, m.remat, attention, **weights) for k in (1, 2))
         spare = budget - state_bytes - one
         per_shard = 0 if spare < 0 else 1 + spare // (two - one)
         result.update(device_memory_bytes=int(budget), fits=result["total_bytes_per_device"] <= budget,
@@ -227,6 +243,8 @@ def format_plan(p: dict) -> str:
         f"batch:                {p['batch_size']} sequences x {p['seq_len']} tokens per step = {p['grad_accum']} x "
         f"micro-batch of {p['micro_batch']} ({per_device:g} sequences per batch shard)",
         f"model.remat:          {p['remat']}",
+        f"model.attention:      {p['attention']}"
+        + (f" (auto on {p['attention_auto_backend']})" if p["attention_auto_backend"] else ""),
         f"training FLOPs/token: {p['flops_per_token']:.3e} (without recomputation)",
         f"training FLOPs/step:  {p['flops_per_step']:.3e} (including remat's recomputation; "
         f"{p['flops_per_step'] / math.prod(p['mesh'].values()):.3e} per device)",
