@@ -79,6 +79,7 @@ def base_config() -> ConfigDict:
     m.logit_softcap = 0.0  # squash the output logits to (-cap, cap) with cap * tanh(logits / cap); 0 = off
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
     m.attention = "auto"  # training attention: auto (per backend), xla, cudnn (GPU), splash (TPU) or blockwise (flash)
+    m.scan_layers = False  # blocks' params stacked on a "layers" axis and run by one scanned (rematerialised) block
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps in total
@@ -148,6 +149,7 @@ def base_config() -> ConfigDict:
     r.head_dim = ""
     r.mlp = "tensor"
     r.position = ""
+    r.layers = ""  # the leading axis of the blocks' stacked params (model.scan_layers)
     r.lora_rank = ""  # the LoRA adapters' rank axis
 
     c.compress = q = ConfigDict()  # how `lmjax compress` made this run out of another (it sets these; read at load)
@@ -372,6 +374,8 @@ def _validate_lora(cfg: ConfigDict) -> None:
     _check(o.rank == 0 or cfg.train.objective == "lm", "train.lora supports train.objective=lm only (not DPO yet)")
     _check(o.rank == 0 or cfg.train.optimizer == "adamw", "train.lora trains its adapters with "
            "train.optimizer=adamw (Muon orthogonalises whole weight matrices, not low-rank factors)")
+    _check(o.rank == 0 or not cfg.model.scan_layers, "train.lora needs model.scan_layers=False (adapters are per-layer "
+           "weights); the init_from run may be scanned: its parameters are unrolled when loaded")
 
 
 def config_diff(old: ConfigDict, new: ConfigDict) -> dict[str, tuple]:

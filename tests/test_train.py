@@ -256,7 +256,7 @@ def test_muon_orthogonalises_the_block_matrices_and_adamw_takes_the_rest():
     cfg = tiny_config("train.optimizer=muon", "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0")
     _, shapes, _ = abstract_model(_with_vocab(cfg.model))
     dims = muon_dimensions(shapes)
-    assert dims["blocks"][0]["attn"]["out"].reduction_axis == (0, 1) and dims["blocks"][0]["mlp"]["down"]
+    assert dims["blocks"][0]["attn"]["out"].reduction_axis == (-3, -2) and dims["blocks"][0]["mlp"]["down"]
     assert dims["embed"] is None and dims["lm_head"] is None and dims["blocks"][0]["attn_norm"]["scale"] is None
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params)

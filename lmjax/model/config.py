@@ -80,6 +80,7 @@ class ModelConfig:
     logit_softcap: float
     remat: str
     attention: str
+    scan_layers: bool
 
     @classmethod
     def from_config(cls, cfg: "ConfigDict | ModelConfig") -> "ModelConfig":

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx, traverse_util
 from ml_collections import ConfigDict
 
@@ -34,6 +35,22 @@ def init_params(cfg: ModelConfig | ConfigDict, rng: jax.Array) -> Params:
     """Fresh parameters for `cfg` from `rng` (jittable; put it under jit with out_shardings to shard)."""
     model = Transformer(ModelConfig.from_config(cfg), rngs=nnx.Rngs(params=rng))
     return nnx.to_pure_dict(nnx.state(model))
+
+
+def stack_layers(params: Params) -> Params:
+    """Unrolled params (`blocks/{i}/...`, `model.scan_layers=False`) in the scanned layout: `blocks/...` with the
+    layers stacked on a leading axis. Works on arrays or, under `jax.eval_shape`, on shapes."""
+    blocks = params["blocks"]
+    layers = [blocks[i] for i in range(len(blocks))]
+    return {**params, "blocks": jax.tree.map(lambda *ws: jnp.stack(ws), *layers)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """Scanned params (`blocks/...` [layers, ...]) in the unrolled layout `blocks/{i}/...`; inverse of
+    `stack_layers`."""
+    stacked = params["blocks"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "blocks": {i: jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(num_layers)}}
 
 
 def count_params(params: Params) -> int:

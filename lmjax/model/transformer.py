@@ -1,7 +1,14 @@
 """The decoder-only transformer: GPT-2 and Llama families from one config.
 
-Shapes: B batch, T length, D d_model, V vocab. Packed training rows carry `segment_ids` (0 = padding)
+Shapes: B batch, T length, D d_model, L layers, V vocab. Packed training rows carry `segment_ids` (0 = padding)
 and `positions` (restart at 0 in each document), so documents never attend to each other.
+
+The blocks are held one of two ways (`model.scan_layers`). Unrolled: a list of L blocks, params
+`blocks/{i}/...`, run one after the other in Python, so the compiled program holds L copies of the block.
+Scanned: one block whose params carry a leading `LAYERS` axis, params `blocks/...` [L, ...], run by
+`jax.lax.scan` over that axis in training, so the block is compiled once whatever L (compile time stays flat
+with depth). Both compute the same values from the same weights (`params.stack_layers` / `unstack_layers`
+convert between them), and a fresh scanned model holds exactly the unrolled one's initial weights, stacked.
 """
 
 import math
@@ -27,6 +34,8 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
+
+LAYERS = "layers"  # logical axis of the scanned blocks' stacked params (`model.scan_layers`; replicated by default)
 
 # The logit of the vocabulary's padding ids (see `ModelConfig.padded_vocab`): finite, so no 0 x inf makes a
 # NaN anywhere, and so low that its exp() is exactly 0 in float32 (also divided by any sensible sampling
@@ -73,7 +82,10 @@ class Transformer(nnx.Module):
         self.embed = param(rngs, (vocab, cfg.d_model), ("vocab", "embed"), pdt)
         if cfg.family == "gpt2":
             self.pos_embed = param(rngs, (cfg.seq_len, cfg.d_model), ("position", "embed"), pdt, std=0.01)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+        self.num_layers = cfg.num_layers
+        self.scan_layers = cfg.scan_layers
+        self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
         self.tie_embeddings = cfg.tie_embeddings
         self.logit_softcap = cfg.logit_softcap
@@ -93,7 +105,9 @@ class Transformer(nnx.Module):
         each row's T new tokens are written from its slot `cache['index'][b]` on and attend to all earlier
         valid slots of their row.
         Without a cache each block is rematerialised under `model.remat` (this only changes what the
-        backward pass stores and recomputes, never the values).
+        backward pass stores and recomputes, never the values); scanned blocks run under `jax.lax.scan`, the
+        rematerialised block as its body. With a cache, scanned blocks run one by one in Python as unrolled ones
+        do (each on its slice of the stacked params), so the per-layer cache stays as `init_cache` makes it.
         """
         x = embed_tokens(self.embed, tokens, self.dtype)
         if embed_delta is not None:
@@ -101,21 +115,15 @@ class Transformer(nnx.Module):
         if self.family == "gpt2":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        rngs = [None] * (len(self.blocks) + 1)
-        if dropout_rng is not None:
-            rngs = list(jax.random.split(dropout_rng, len(self.blocks) + 1))
-        x = dropout(x, self.dropout, rngs[-1])
-        valid = index = None
-        if cache is not None:
-            index = cache["index"]
-            valid = write_at(cache["valid"], segment_ids != 0, index)
-        layer_caches = []
-        for i, block in enumerate(self.blocks):
-            if cache is None:
-                x = _train_block(block, self.remat, x, positions, segment_ids, rngs[i])
-            else:
-                x, layer_cache = block(x, positions, segment_ids, rngs[i], cache["layers"][i], valid, index)
-                layer_caches.append(layer_cache)
+        # One dropout key per layer (the block splits it for its two dropouts) and one for the embeddings.
+        rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers + 1)
+        x = dropout(x, self.dropout, None if rngs is None else rngs[-1])
+        layer_rngs = None if rngs is None else rngs[:-1]
+        new_cache = None
+        if cache is None:
+            x = self._train_blocks(x, positions, segment_ids, layer_rngs)
+        else:
+            x, new_cache = self._decode_blocks(x, positions, segment_ids, layer_rngs, cache)
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = head_logits(x, self.embed, "btd,vd->btv", self.dtype)
@@ -126,10 +134,50 @@ class Transformer(nnx.Module):
         if logits.shape[-1] > self.vocab_size:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, MASKED_LOGIT)
         logits = constrain(logits, ("batch", "length", "vocab"))
-        new_cache = None
-        if cache is not None:
-            new_cache = {"layers": layer_caches, "valid": valid, "index": index + tokens.shape[1]}
         return logits, new_cache
+
+    def _train_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                      rngs: jax.Array | None) -> jax.Array:
+        """The blocks without a cache, each rematerialised under `model.remat`; `rngs` [L] dropout keys or None."""
+        if not self.scan_layers:
+            for i, block in enumerate(self.blocks):
+                x = _train_block(block, self.remat, x, positions, segment_ids, None if rngs is None else rngs[i])
+            return x
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, layer):
+            params, rng = layer
+            return _train_block(nnx.merge(graphdef, params), self.remat, x, positions, segment_ids, rng), None
+
+        return jax.lax.scan(body, x, (params, rngs))[0]
+
+    def _decode_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, rngs: jax.Array | None,
+                       cache: dict) -> tuple[jax.Array, dict]:
+        """The blocks one by one, each reading and writing its layer of `cache`; returns the updated cache."""
+        index = cache["index"]
+        valid = write_at(cache["valid"], segment_ids != 0, index)
+        layer_caches = []
+        for i, block in enumerate(self.layer_blocks()):
+            rng = None if rngs is None else rngs[i]
+            x, layer_cache = block(x, positions, segment_ids, rng, cache["layers"][i], valid, index)
+            layer_caches.append(layer_cache)
+        return x, {"layers": layer_caches, "valid": valid, "index": index + x.shape[1]}
+
+    def layer_blocks(self) -> list[Block]:
+        """The L blocks in order; scanned, each is a Block on its layer's slice of the stacked params."""
+        if not self.scan_layers:
+            return list(self.blocks)
+        graphdef, params = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda w, i=i: w[i], params)) for i in range(self.num_layers)]
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block holding the params of `blocks` stacked along a new leading axis, logical axis `LAYERS`."""
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(block) for block in blocks))
+    for _, var in nnx.to_flat_state(stacked):
+        var.set_metadata("axes", (LAYERS, *var.get_metadata()["axes"]))
+    return nnx.merge(graphdef, stacked)
 
 
 def embed_tokens(embed: nnx.Param, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -7,9 +7,12 @@ from ml_collections import ConfigDict
 
 # Muon's view of each hidden matrix, by parameter name: (reduction axes, output axes) of `x @ W`. Attention's
 # [D, H, hd] and [H, hd, D] weights are orthogonalised as the [D, H*hd] and [H*hd, D] matrices they are.
+# Counted from the end, so the leading layer axis of scanned blocks (`model.scan_layers`) is a batch axis:
+# each layer's matrix is orthogonalised on its own, as in the unrolled layout.
 MUON_AXES = {
-    "query": ((0,), (1, 2)), "key": ((0,), (1, 2)), "value": ((0,), (1, 2)), "out": ((0, 1), (2,)),
-    "fc_in": ((0,), (1,)), "gate": ((0,), (1,)), "up": ((0,), (1,)), "fc_out": ((0,), (1,)), "down": ((0,), (1,)),
+    "query": ((-3,), (-2, -1)), "key": ((-3,), (-2, -1)), "value": ((-3,), (-2, -1)), "out": ((-3, -2), (-1,)),
+    "fc_in": ((-2,), (-1,)), "gate": ((-2,), (-1,)), "up": ((-2,), (-1,)), "fc_out": ((-2,), (-1,)),
+    "down": ((-2,), (-1,)),
 }
 
 
