@@ -72,6 +72,7 @@ def compress_run(source: str | Path, out: str | Path, compression: Compression, 
             raise ConfigError(f"{wd.path} is itself compressed (from {cfg.compress.source}); compress the float run")
         _, _, params, tokenizer, step = restore_model(wd, step, merge_lora=True)  # a LoRA run: its merged weights
         cfg.train.lora = base_config().train.lora
+        cfg.model.scan_layers = False  # restore_model unrolls a scanned run's layers
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
         if compression.prune:
             norms = None

@@ -5,11 +5,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
 from lmjax.model.lora import LoraSpec, attach, frozen_base, init_adapters, merge
-from lmjax.model.params import abstract_model
+from lmjax.model.params import abstract_model, stack_layers, unstack_layers
 from lmjax.model.quantized import for_matmul, quantize_params
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
@@ -50,9 +51,12 @@ def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False
     """A trained run's model, params from checkpoint `step` (default latest), on the default device, computing
     in `decode_dtype` (said on stderr when that is not the run's dtype); a compressed run's quantized weights
     multiply the `quant_matmul` way. A LoRA run's params are its base (init_from, as it trained) with its
-    adapters attached as `LoraWeight`s, or folded into plain weights with `merge_lora`. Raises WorkdirError /
+    adapters attached as `LoraWeight`s, or folded into plain weights with `merge_lora`. The layers always come
+    unrolled (`model.scan_layers` False in the returned config): a scanned run's params are unstacked, so
+    sampling, serving, evaluation, compression and export see one layout. Raises WorkdirError /
     CheckpointError with a clear message."""
     cfg = wd.load_config()
+    saved_scanned, cfg.model.scan_layers = cfg.model.scan_layers, False
     dtype = decode_dtype(cfg.model.dtype, jax.default_backend())
     if dtype != cfg.model.dtype:
         print(f"running {wd.path.name} in {dtype} on {jax.default_backend()} (it trained in {cfg.model.dtype})",
@@ -82,7 +86,7 @@ def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False
         return Restored(cfg, graphdef, params, tokenizer, step)
     with Checkpointer(wd.checkpoint_dir) as ckpt:
         step = ckpt.resolve_step(step)
-        params = ckpt.restore_params(on_device(abstract_params), step)
+        params = restore_in_layout(ckpt, on_device(abstract_params), step, saved_scanned, scanned=False)
     if q.quant:
         params = for_matmul(params, matmul)
     return Restored(cfg, graphdef, params, tokenizer, step)
@@ -116,7 +120,8 @@ def lora_base(cfg: ConfigDict, abstract_params):
 
 def check_init_from(cfg: ConfigDict) -> int:
     """The checkpoint step of the `init_from` run that starts `cfg` (`init_from_step`, or its latest if that
-    is -1), after checking that its model has the same parameter shapes. Reads no checkpoint data."""
+    is -1), after checking that its model has the same parameter shapes (in either layer layout: `init_params_from`
+    converts between scanned and unrolled). Reads no checkpoint data."""
     source = Workdir(cfg.init_from)
     source_cfg = source.load_config()
     if source_cfg.train.lora.rank > 0:
@@ -134,7 +139,45 @@ def check_init_from(cfg: ConfigDict) -> int:
 
 
 def init_params_from(cfg: ConfigDict, abstract_params):
-    """Parameters of checkpoint `cfg.init_from_step` of the run `cfg.init_from`, restored straight into the
-    shardings of `abstract_params`."""
-    with Checkpointer(Workdir(cfg.init_from).checkpoint_dir) as ckpt:
-        return ckpt.restore_params(abstract_params, cfg.init_from_step)
+    """Parameters of checkpoint `cfg.init_from_step` of the run `cfg.init_from`, in the shardings and the layer
+    layout (`cfg.model.scan_layers`) of `abstract_params`, whichever layout the init_from run trained in."""
+    source = Workdir(cfg.init_from)
+    with Checkpointer(source.checkpoint_dir) as ckpt:
+        return restore_in_layout(ckpt, abstract_params, cfg.init_from_step, source.load_config().model.scan_layers,
+                                 cfg.model.scan_layers)
+
+
+def restore_in_layout(ckpt: Checkpointer, abstract_params, step: int, saved_scanned: bool, scanned: bool):
+    """The params of checkpoint `step`, saved in one layer layout (`saved_scanned`: that run's model.scan_layers),
+    in the layout `scanned` of `abstract_params` and its shardings. Across layouts they are restored as saved
+    (each layer sharded as it will be) and stacked or unstacked by one jitted function, which holds both copies
+    for a moment."""
+    if saved_scanned == scanned:
+        return ckpt.restore_params(abstract_params, step)
+    params = ckpt.restore_params(_other_layout(abstract_params, to_stacked=saved_scanned), step)
+    convert = stack_layers if scanned else unstack_layers
+    return jax.jit(convert, out_shardings=jax.tree.map(lambda s: s.sharding, abstract_params))(params)
+
+
+def _other_layout(abstract_params, to_stacked: bool):
+    """Abstract params (ShapeDtypeStructs with shardings) of one layer layout in the other: stacked from
+    unrolled (`to_stacked`; the layer axis unsharded) or unrolled from stacked (the layer axis dropped)."""
+    blocks = abstract_params["blocks"]
+
+    def layer(s: jax.ShapeDtypeStruct, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, s.dtype, sharding=_layer_sharding(s.sharding, to_stacked))
+
+    if to_stacked:
+        blocks = jax.tree.map(lambda s: layer(s, (len(blocks), *s.shape)), blocks[0])
+    else:
+        num_layers = jax.tree.leaves(blocks)[0].shape[0]
+        blocks = {i: jax.tree.map(lambda s: layer(s, s.shape[1:]), blocks) for i in range(num_layers)}
+    return {**abstract_params, "blocks": blocks}
+
+
+def _layer_sharding(sharding, to_stacked: bool):
+    """A layer's sharding for its stack (a leading unsharded axis), or the stack's for one layer."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *spec) if to_stacked else PartitionSpec(*spec[1:]))

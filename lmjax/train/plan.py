@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, validate
@@ -103,20 +104,29 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     return int(m.num_layers * kept[remat] + block_backward + outside)
 
 
-def recompute_flops_per_token(cfg: ConfigDict, params, remat: str) -> float:
+def recompute_flops_per_token(cfg: ConfigDict, block, remat: str) -> float:
     """Extra forward FLOPs per token that the backward pass spends recomputing under `remat`: none
     ("nothing"), the attention score and value matmuls ("dots"), or every block matmul but the MLP's output
-    projection, whose result the backward pass never needs ("full")."""
+    projection, whose result the backward pass never needs ("full"). `block`: one block's params (shapes)."""
     m = ModelConfig.from_config(cfg.model)
     attention = 4 * m.num_layers * m.num_heads * m.head_dim * m.seq_len
     if remat == "nothing":
         return 0.0
     if remat == "dots":
         return float(attention)
-    block = params["blocks"][0]
     mlp_out = block["mlp"]["down" if m.family == "llama" else "fc_out"]
     per_block = sum(math.prod(x.shape) for x in jax.tree.leaves(block) if len(x.shape) > 1)
     return float(2 * m.num_layers * (per_block - math.prod(mlp_out.shape)) + attention)
+
+
+def _one_block(params, specs, scanned: bool) -> tuple:
+    """One block's params (shapes) and PartitionSpecs, from the unrolled or the scanned (stacked) layout."""
+    if not scanned:
+        return params["blocks"][0], specs["blocks"][0]
+    block = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), params["blocks"])
+    block_specs = jax.tree.map(lambda spec: PartitionSpec(*spec[1:]), specs["blocks"],
+                               is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return block, block_specs
 
 
 def _with_vocab(cfg: ConfigDict) -> ConfigDict:
@@ -173,7 +183,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backe
 
     to_compute = jnp.dtype(m.dtype).itemsize / jnp.dtype(m.param_dtype).itemsize
     model_specs = tree_specs(sizes, rules, params, axes)
-    block, block_specs = params["blocks"][0], model_specs["blocks"][0]
+    block, block_specs = _one_block(params, model_specs, m.scan_layers)
     weights = {"block_weight_bytes": int(_bytes_per_device(block, block_specs, sizes) * to_compute),
                "gathered_weight_bytes": int(_bytes_per_device(block, block_specs, {**sizes, "fsdp": 1}) * to_compute)}
     shards, micro = batch_shards(rules, sizes), t.batch_size // t.grad_accum
@@ -186,7 +196,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backe
     # A LoRA run's FLOPs are counted as a full fine-tune's (an upper bound: it skips the base's weight gradients).
     fpt = flops_per_token(m, params)
     tokens_per_step = t.batch_size * m.seq_len
-    flops_by_remat = {r: (fpt + recompute_flops_per_token(cfg, params, r)) * tokens_per_step for r in REMAT_POLICIES}
+    flops_by_remat = {r: (fpt + recompute_flops_per_token(cfg, block, r)) * tokens_per_step for r in REMAT_POLICIES}
     result = {
         "params": n,
         "vocab_padding_params": padding,
