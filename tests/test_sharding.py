@@ -94,6 +94,9 @@ ADVERSARIAL = ["train.adversarial.method=freelb", "train.adversarial.steps=2", "
 # the speedrun recipe: Muon (Newton-Schulz on sharded matrices) with WSD, QK-norm, ReLU², zero-init, soft-capping
 SPEEDRUN = ["train.optimizer=muon", "train.decay=wsd", "train.warmup_steps=2", "model.qk_norm=True",
             "model.mlp=relu2", "model.zero_init_out=True", "model.logit_softcap=15.0"]
+# scanned layers (stacked params, remat inside the scan): they start from the unrolled model's weights, stacked,
+# so they train like the unrolled single-device run
+SCANNED = ["model.scan_layers=True", "model.remat=full"]
 # float32: sharded runs differ from one device only in the order of cross-device sums (gradient
 # all-reduces, sharded matmul contractions), ~1e-7 relative per op; over 10 Adam steps the losses differ
 # by <= 2e-6 (measured), while one wrongly sharded or double-counted op moves them by > 1e-2.
@@ -124,7 +127,8 @@ def mesh_runs(tmp_path_factory) -> dict:
                  + [{"name": "fsdp8_to_tp2dp4", "overrides": common + STRATEGIES["tp2dp4"], **moved},
                     {"name": "mixed_dp2fsdp2tp2", "overrides": common + MIXED + STRATEGIES["dp2fsdp2tp2"]},
                     {"name": "freelb_dp2fsdp2tp2", "overrides": common + ADVERSARIAL + STRATEGIES["dp2fsdp2tp2"]},
-                    {"name": "speedrun_dp2fsdp2tp2", "overrides": common + SPEEDRUN + STRATEGIES["dp2fsdp2tp2"]}])
+                    {"name": "speedrun_dp2fsdp2tp2", "overrides": common + SPEEDRUN + STRATEGIES["dp2fsdp2tp2"]},
+                    {"name": "scanned_dp2fsdp2tp2", "overrides": common + SCANNED + STRATEGIES["dp2fsdp2tp2"]}])
     tokenizer = f"tokenizer.path={out / 'dp8' / 'tokenizer'}"
     one = _run(out, 1, [{"name": "single", "overrides": [*common, tokenizer, "mesh.data=1"]},
                         {"name": "fsdp8_to_single", "overrides": [*common, "mesh.data=1"], **moved},
@@ -175,6 +179,15 @@ def test_muon_and_the_speedrun_architecture_under_sharding(mesh_runs):
     assert _losses(mesh_runs["speedrun_dp2fsdp2tp2"]) == pytest.approx(_losses(mesh_runs["speedrun_single"]),
                                                                        abs=LOSS_TOL)
     assert _losses(mesh_runs["speedrun_single"]) != _losses(mesh_runs["single"])
+
+
+def test_scanned_layers_under_sharding_train_like_unrolled_layers_on_one_device(mesh_runs):
+    run = mesh_runs["scanned_dp2fsdp2tp2"]
+    assert _losses(run) == pytest.approx(_losses(mesh_runs["single"]), abs=LOSS_TOL)
+    specs = run["bytes"]["param_specs"]
+    assert specs["blocks/mlp/up"] == str(P(None, "fsdp", "tensor")), specs
+    assert (run["bytes"]["param_bytes"], run["bytes"]["opt_bytes"]) == (run["bytes"]["plan_param_bytes"],
+                                                                        run["bytes"]["plan_opt_bytes"])
 
 
 @pytest.mark.parametrize("target", ["fsdp8_to_tp2dp4", "fsdp8_to_single"])
