@@ -119,7 +119,7 @@ def base_config() -> ConfigDict:
 
     c.tokenizer = k = ConfigDict()
     k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
-    k.vocab_size = 4096  # vocabulary size when training a tokenizer
+    k.vocab_size = 4096  # vocabulary size when training a bpe/unigram tokenizer (char: one token per character seen)
     k.path = ""  # directory of an existing tokenizer (tokenizer.model or tokenizer.json); "" = train one on data.train
 
     c.mesh = s = ConfigDict()

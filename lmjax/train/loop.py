@@ -32,7 +32,7 @@ from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import check_init_from, init_params_from, lora_base, starting_model
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
-from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
+from lmjax.text.tokenizer import Tokenizer, describe_size, has_tokenizer, load_tokenizer, train_tokenizer
 from lmjax.train.metrics import MetricsWriter, format_duration, log, measure_matmul_peak, plot_losses
 from lmjax.train.objectives import (
     BatchShardings,
@@ -101,8 +101,9 @@ def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
             log(f"using the tokenizer of {source}")
         else:
             start = time.time()
-            train_tokenizer(specs.texts(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
-            log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
+            k_cfg = cfg.tokenizer
+            trained = train_tokenizer(specs.texts(cfg.data.train), k_cfg.vocab_size, tmp, kind=k_cfg.kind)
+            log(f"trained a {k_cfg.kind} tokenizer ({describe_size(trained, k_cfg.kind, k_cfg.vocab_size)}) on "
                 f"{cfg.data.train} in {time.time() - start:.1f}s")
         tmp.rename(wd.tokenizer_dir)
     finally:
