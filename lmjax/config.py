@@ -91,6 +91,7 @@ def base_config() -> ConfigDict:
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = measure a bf16/f32 matmul at start-up
+    t.compile_cache = True  # reuse compiled programs across runs (in $LMJAX_CACHE_DIR/jax-compile); False = off
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
