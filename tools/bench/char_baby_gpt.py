@@ -186,10 +186,11 @@ def run_peer(args: argparse.Namespace) -> dict:
     scores = args.out / "peer_scores.json"
     cmd = [sys.executable, __file__, "--train-peer", str(scores), "--eval-every", str(args.eval_every),
            "--seed", str(args.seed), "--steps", str(args.steps)]
+    load = os.getloadavg()[0]
     times, _ = run_timed(cmd)
     saved = json.loads(scores.read_text())
     result = {"val": {int(step): v for step, v in saved["val"].items()}, "times": times, "vocab": saved["vocab"],
-              "torch": saved["torch"]}
+              "torch": saved["torch"], "load_before": load}
     (args.out / "peer.json").write_text(json.dumps(result))
     return result
 
@@ -222,10 +223,11 @@ def run_lmjax(args: argparse.Namespace, data: Path, val_text: str) -> dict:
                  f"train.keep_ckpts={steps // args.eval_every + 1}", "train.samples=", *args.lmjax_override]
     cmd = [sys.executable, "-m", "lmjax.cli", "train", "--config", CONFIG, *[f"--config.{o}" for o in overrides],
            "--workdir", str(workdir)]
+    load = os.getloadavg()[0]
     times, exit_s = run_timed(cmd)
     first = read_metrics(workdir / "metrics.jsonl")[0]
     cfg = Workdir(workdir).load_config()
-    return {"val": score_lmjax(workdir, sorted(times), val_text), "times": times, "exit_s": exit_s,
+    return {"val": score_lmjax(workdir, sorted(times), val_text), "times": times, "exit_s": exit_s, "load_before": load,
             "vocab": cfg.model.vocab_size, "dtype": cfg.model.dtype,
             **{k: first[k] for k in ("first_step_s", "compile_s", "programs_compiled", "compile_cache_hits")}}
 
@@ -254,9 +256,8 @@ def main() -> None:
     data.mkdir(exist_ok=True)
     (data / "train.txt").write_text(train_text)
     (data / "val.txt").write_text(val_text)
-    load = os.getloadavg()[0]
-    print(f"{len(train_text):,} train / {len(val_text):,} validation characters; load average {load:.2f} on "
-          f"{os.cpu_count()} cores", flush=True)
+    print(f"{len(train_text):,} train / {len(val_text):,} validation characters; {os.cpu_count()} cores",
+          flush=True)
     if args.peer_json:
         peer = json.loads(args.peer_json.read_text())
         peer["val"], peer["times"] = ({int(k): v for k, v in peer[key].items()} for key in ("val", "times"))
@@ -283,7 +284,8 @@ def main() -> None:
         "lmjax_first_step_s": round(lm["first_step_s"], 1), "lmjax_compile_s": round(lm["compile_s"], 1),
         "lmjax_programs_from_compile_cache": f"{lm['compile_cache_hits']}/{lm['programs_compiled']}",
         "lmjax_exit_s": round(lm["exit_s"], 1), "lmjax_dtype": lm["dtype"], "lmjax_vocab": lm["vocab"],
-        "peer_vocab": peer["vocab"], "torch": peer["torch"], "jax": jax.__version__, "load_average": round(load, 2),
+        "peer_vocab": peer["vocab"], "torch": peer["torch"], "jax": jax.__version__,
+        "load_average_before": {"peer": round(peer["load_before"], 2), "lmjax": round(lm["load_before"], 2)},
         "lmjax_overrides": args.lmjax_override,
     }
     (args.out / "result.json").write_text(json.dumps({**figures, "lmjax": lm, "peer": peer}, indent=1))
