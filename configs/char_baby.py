@@ -5,8 +5,8 @@ lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, AdamW betas (0.9, 0.99)
     .venv/bin/python tools/bench/char_baby_gpt.py        # writes the data, trains this and a PyTorch peer
     lmjax train --config configs/char_baby.py --workdir runs/char_baby/lmjax   # after the line above
 
-Expect (2-core CPU, a few minutes): validation loss about 1.3 nats per character, level with the peer's
-(figures and command in docs/benchmarks.md, "Char-level baby GPT").
+Expect (2-core CPU, ~5 minutes under load): validation loss about 1.40 nats per character, level with the
+PyTorch peer's 1.41 (figures and command in docs/benchmarks.md, "Char-level baby GPT").
 """
 
 from lmjax.config import base_config
