@@ -272,10 +272,11 @@ def cmd_data_tokenize(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmjax.corpus.sources import read_documents
-    from lmjax.text.tokenizer import train_tokenizer
+    from lmjax.text.tokenizer import describe_size, train_tokenizer
 
     tokenizer = train_tokenizer(read_documents(args.source), args.vocab_size, args.out, kind=args.kind)
-    print(f"trained a {args.kind} tokenizer with {tokenizer.vocab_size} tokens into {args.out}/tokenizer.model")
+    print(f"trained a {args.kind} tokenizer ({describe_size(tokenizer, args.kind, args.vocab_size)}) into "
+          f"{args.out}/tokenizer.model")
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -567,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a SentencePiece tokenizer on a source")
     p.add_argument("--source", required=True, help="source spec, e.g. stdlib or jsonl:data/*.jsonl")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="vocabulary size (bpe, unigram; char has one token per character seen)")
     p.add_argument("--kind", default="bpe", choices=("bpe", "unigram", "char"), help="SentencePiece model type")
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
     p.set_defaults(func=cmd_tokenizer_train)

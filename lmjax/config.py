@@ -104,6 +104,7 @@ def base_config() -> ConfigDict:
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
     t.peak_tflops = 0.0  # per-device peak for MFU; 0 = spec sheet bf16 peak on known GPUs/TPUs, else measured matmul
+    t.compile_cache = True  # reuse compiled programs across runs (in $LMJAX_CACHE_DIR/jax-compile); False = off
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
@@ -132,7 +133,7 @@ def base_config() -> ConfigDict:
 
     c.tokenizer = k = ConfigDict()
     k.kind = "bpe"  # SentencePiece model type: bpe | unigram | char
-    k.vocab_size = 4096  # vocabulary size when training a tokenizer
+    k.vocab_size = 4096  # vocabulary size when training a bpe/unigram tokenizer (char: one token per character seen)
     k.path = ""  # directory of an existing tokenizer (tokenizer.model or tokenizer.json); "" = train one on data.train
 
     c.mesh = s = ConfigDict()

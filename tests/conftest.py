@@ -14,9 +14,11 @@ from lmjax.config import apply_overrides, base_config
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest-cache-lmjax"
 # XLA executables: every train() call compiles its steps afresh (new jitted functions), mostly the same tiny
 # programs, so JAX's persistent cache compiles each once per checkout. For the pytest process; processes that
-# tests start get it from `xla_cache_env()`. JAX's own size bound rescans the directory at every write (a
-# cold run took a third longer), so the cache is cleared instead when it outgrows XLA_CACHE_MAX_BYTES.
-XLA_CACHE = {"jax_compilation_cache_dir": str(CACHE_DIR / "xla"), "jax_persistent_cache_min_compile_time_secs": 0}
+# tests start get it from `xla_cache_env()`, or from train.compile_cache, which picks the same directory under
+# $LMJAX_CACHE_DIR. JAX's own size bound rescans the directory at every write (a cold run took a third
+# longer), so the cache is cleared instead when it outgrows XLA_CACHE_MAX_BYTES.
+XLA_CACHE = {"jax_compilation_cache_dir": str(CACHE_DIR / "jax-compile"),
+             "jax_persistent_cache_min_compile_time_secs": 0}
 XLA_CACHE_MAX_BYTES = 2**30
 
 

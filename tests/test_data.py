@@ -12,7 +12,17 @@ from lmjax.corpus import stdlib_docs as stdlib_corpus
 from lmjax.corpus.sources import VAL_MIN_CHARS, read_documents, split_train_val
 from lmjax.input.chunks import tokenize_documents
 from lmjax.input.packing import eval_batches, train_iterator
-from lmjax.text.tokenizer import FORMAT, FORMAT_FILE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmjax.text.tokenizer import (
+    BYTE_PIECES,
+    FORMAT,
+    FORMAT_FILE,
+    META_PIECES,
+    SPACE_MARK,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    describe_size,
+    train_tokenizer,
+)
 
 KEYS = ("inputs", "targets", "segment_ids", "positions")
 
@@ -227,6 +237,21 @@ def test_other_tokenizer_kinds(corpus, tmp_path, kind):
     text = "Other kinds round-trip too:\n\t 12 ü 🎉"
     assert tok.decode(tok.encode(text)) == text
     assert int(tok.token_bytes()[tok.encode(text)].sum()) == len(text.encode())
+
+
+def test_char_tokenizer_is_sized_to_the_characters_seen(tmp_path):
+    docs = ["the cat sat on the mat\n" * 100, "°"]  # "°": 1 in 2301 characters, under SentencePiece's default coverage
+    seen = set("".join(docs))
+    small = train_tokenizer(docs, vocab_size=300, out_dir=tmp_path / "small", kind="char")
+    big = train_tokenizer(docs, vocab_size=4096, out_dir=tmp_path / "big", kind="char")
+    assert small.vocab_size == big.vocab_size == len(seen) + BYTE_PIECES + META_PIECES
+    text = "the mat° sat on the cat\n"
+    assert len(big.encode(text)) == len(text), "each character seen is one token"
+    pieces = {big.sp.id_to_piece(i).replace(SPACE_MARK, " ") for i in range(big.vocab_size)}
+    assert seen <= pieces and set(SPECIAL_TOKENS) <= pieces
+    unseen = f"Zürich {SPACE_MARK}🎉\t"
+    assert big.decode(big.encode(unseen)) == unseen, "unseen characters go through byte fallback"
+    assert describe_size(big, "char", 4096).startswith(f"{big.vocab_size} tokens: {len(seen)} characters seen")
 
 
 def test_train_tokenizer_errors(tmp_path):

@@ -1,8 +1,11 @@
 """The trainer's edges: float16 refused, Ctrl-C twice, throughput that does not count evaluation time,
-and the unigram baseline counting the same targets as the model."""
+the unigram baseline counting the same targets as the model, and the compile cache between runs."""
 
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -15,7 +18,7 @@ from lmjax.config import ConfigError
 from lmjax.eval.baselines import unigram_bpb
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.train import loop
-from lmjax.train.metrics import MetricsWriter, mfu_peak, spec_peak_flops
+from lmjax.train.metrics import MetricsWriter, StartupClock, mfu_peak, spec_peak_flops
 from lmjax.train.objectives import Objective
 
 
@@ -74,7 +77,7 @@ def test_tokens_per_second_leave_out_evaluation_time(tmp_path):
     wd = Workdir(tmp_path)
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
     loop.run_steps(cfg, objective, {"params": {}}, 0, _Saves(), MetricsWriter(wd.metrics_path), wd, sharding,
-                   1.0, 1.0)
+                   1.0, 1.0, StartupClock())
     rates = [r["tokens_per_sec"] for r in read_metrics(wd.metrics_path) if "tokens_per_sec" in r]
     assert len(rates) == 2
     for rate in rates:
@@ -89,3 +92,28 @@ def test_chat_unigram_baseline_counts_only_the_assistant_tokens():
     plain = unigram_bpb([chunk[0]] * 50, [chunk[0]], token_bytes)
     assert masked == pytest.approx(-math.log2(101 / 108))  # 100 counts of 6 + 8 add-one over 108
     assert plain > 0.5  # over all targets the baseline must also predict the prompts
+
+
+def test_second_identical_run_loads_its_programs_from_the_compile_cache(tmp_path):
+    """Two fresh processes train the same tiny char model with a new $LMJAX_CACHE_DIR: the first compiles and
+    fills the cache, the second loads every program it needs before its first step from it."""
+    (tmp_path / "train.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    cfg = ["--config", "configs/tiny.py", *[f"--config.{o}" for o in (
+        "model.family=gpt2", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=0", "model.d_model=32",
+        "model.d_ff=64", "model.seq_len=32", "model.dtype=float32", "tokenizer.kind=char", "train.steps=1",
+        "train.batch_size=4", "train.eval_steps=1", "train.samples=", "train.peak_tflops=1",
+        f"data.train=text:{tmp_path}/train.txt", f"data.val=text:{tmp_path}/train.txt")]]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["LMJAX_CACHE_DIR"] = str(tmp_path / "cache")
+    first = []
+    for run in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-m", "lmjax.cli", "train", *cfg, "--workdir", str(tmp_path / run)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "first step after" in proc.stdout
+        first.append(read_metrics(tmp_path / run / "metrics.jsonl")[0])
+        if run == "cold":
+            assert len(list((tmp_path / "cache" / "jax-compile").iterdir())) >= first[0]["programs_compiled"] > 0
+    cold, warm = first
+    assert cold["compile_cache_hits"] == 0
+    assert warm["compile_cache_hits"] == warm["programs_compiled"] == cold["programs_compiled"]

@@ -39,7 +39,7 @@ from lmjax.corpus.shards import SPLITS, iter_split, shard_paths, write_shard
 from lmjax.corpus.sources import iter_records, source_license
 from lmjax.text.blocklist import Blocklist
 from lmjax.text.io import atomic_write, hash_unit
-from lmjax.text.tokenizer import Tokenizer, train_tokenizer
+from lmjax.text.tokenizer import Tokenizer, describe_size, train_tokenizer
 
 LENGTH_BINS = np.unique(np.geomspace(1, 1e6, 61).astype(int))  # words per document, log-spaced
 
@@ -59,7 +59,7 @@ def prepare_config() -> ConfigDict:
     c.dedup = dedup_config()
     c.tokenizer = ConfigDict()
     c.tokenizer.kind = "bpe"  # SentencePiece model type trained on the train split: bpe | unigram | char
-    c.tokenizer.vocab_size = 4096  # its vocabulary size
+    c.tokenizer.vocab_size = 4096  # its vocabulary size (bpe, unigram; char has one token per character seen)
     c.tokens = ConfigDict()  # token shards in DIR/tokens (what training reads; `lmjax data prepare` CLI only)
     c.tokens.seq_len = 256  # model.seq_len of the runs that read them; 0 = write none (`lmjax data tokenize` later)
     c.tokens.workers = 2  # tokenizing processes
@@ -272,9 +272,11 @@ def _finish(cfg: ConfigDict, out: Path, progress: _Progress, log) -> dict:
     if not (tokenizer_dir / "tokenizer.model").is_file():
         start = time.time()
         tmp = out / "tokenizer.tmp"
-        train_tokenizer(iter_split(out, "train"), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
+        k_cfg = cfg.tokenizer
+        trained = train_tokenizer(iter_split(out, "train"), k_cfg.vocab_size, tmp, kind=k_cfg.kind)
         os.replace(tmp, tokenizer_dir)
-        log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size}) in {time.time() - start:.1f}s")
+        log(f"trained a {k_cfg.kind} tokenizer ({describe_size(trained, k_cfg.kind, k_cfg.vocab_size)}) "
+            f"in {time.time() - start:.1f}s")
     tokenizer = Tokenizer.load(tokenizer_dir)
     tokens = {split: _count_tokens(tokenizer, iter_split(out, split)) for split in SPLITS}
     card = {

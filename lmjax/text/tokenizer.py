@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,10 @@ SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_CHARS = 2048  # documents are cut at line breaks into training sentences this long
 MAX_TRAIN_SENTENCES = 200_000  # SentencePiece samples this many sentences from bigger corpora
+BYTE_PIECES = 256  # byte fallback: one piece per byte value, so any text encodes
+META_PIECES = 4 + len(SPECIAL_TOKENS)  # pad, unk, bos, eos and the chat markers
+# Vocabulary size a char tokenizer is trained with: room for every Unicode character, so it keeps all it sees.
+CHAR_VOCAB_BOUND = sys.maxunicode + 1 + BYTE_PIECES + META_PIECES
 
 
 def training_sentences(docs: Iterable[str], max_chars: int = MAX_SENTENCE_CHARS) -> Iterator[str]:
@@ -197,10 +202,14 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
 
     Identity normalisation plus byte fallback make `decode(encode(text)) == text`
     for any text; ids are pad=0, unk=1, bos=2, eos=3, then the chat special tokens as control pieces.
-    Saves the tokenizer to `out_dir` (see `Tokenizer.save`).
+    A char tokenizer ignores `vocab_size`: it has one piece per character seen (each encodes to one
+    token), plus the 256 byte pieces and the special tokens. Saves the tokenizer to `out_dir` (see
+    `Tokenizer.save`).
     """
     if kind not in ("bpe", "unigram", "char"):
         raise ValueError(f"unknown tokenizer kind {kind!r}; use bpe, unigram or char")
+    # SentencePiece's default coverage leaves the rarest characters to byte fallback; char keeps them all.
+    size, coverage = (CHAR_VOCAB_BOUND, 1.0) if kind == "char" else (vocab_size, 0.9995)
     proto = io.BytesIO()
     spm.set_random_generator_seed(0)
     with open(os.devnull, "w") as quiet:
@@ -211,7 +220,8 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
                 logstream=quiet,
                 minloglevel=2,
                 model_type=kind,
-                vocab_size=vocab_size,
+                vocab_size=size,
+                character_coverage=coverage,
                 hard_vocab_limit=False,
                 byte_fallback=True,
                 normalization_rule_name="identity",
@@ -234,6 +244,15 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_dir: str | Path, k
     tokenizer = Tokenizer(proto.getvalue())
     tokenizer.save(out_dir)
     return tokenizer
+
+
+def describe_size(tokenizer: Tokenizer, kind: str, vocab_size: int) -> str:
+    """The size of a tokenizer that `train_tokenizer(..., vocab_size, kind=kind)` made, for log lines."""
+    if kind != "char":
+        return f"{tokenizer.vocab_size} tokens"
+    chars = tokenizer.vocab_size - BYTE_PIECES - META_PIECES
+    return (f"{tokenizer.vocab_size} tokens: {chars} characters seen, {BYTE_PIECES} bytes, {META_PIECES} special; "
+            f"a char tokenizer ignores the vocabulary size {vocab_size}")
 
 
 def _check_format_file(path: Path) -> None:

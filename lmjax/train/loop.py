@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, base_config, config_diff, validate
+from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.infer.sampler import Sampler
 from lmjax.input import specs
 from lmjax.input.loaders import loader_count
@@ -33,8 +34,16 @@ from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.restore import check_init_from, init_params_from, lora_base, starting_model
 from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.text.io import write_jsonl
-from lmjax.text.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
-from lmjax.train.metrics import MetricsWriter, format_duration, log, mfu_peak, plot_losses
+from lmjax.text.tokenizer import Tokenizer, describe_size, has_tokenizer, load_tokenizer, train_tokenizer
+from lmjax.train.metrics import (
+    MetricsWriter,
+    StartupClock,
+    describe_first_step,
+    format_duration,
+    log,
+    mfu_peak,
+    plot_losses,
+)
 from lmjax.train.objectives import (
     BatchShardings,
     Objective,
@@ -52,7 +61,7 @@ from lmjax.train.step import init_lora_state, init_state, start_state
 # how the run is laid out on devices, not what it computes (checkpoints move between meshes); a started run
 # reads its own copy of the tokenizer, whatever `tokenizer.path` says (the loader fingerprint checks it).
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
-             "train.samples", "train.peak_tflops", "tokenizer.path", "mesh.*")
+             "train.samples", "train.peak_tflops", "train.compile_cache", "tokenizer.path", "mesh.*")
 # Knobs whose default means "decided at the first start" (then recorded): a resume that leaves them at the
 # default keeps the recorded value.
 DECIDED_AT_START = {"model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1}
@@ -86,6 +95,17 @@ def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
     return cfg
 
 
+def use_compile_cache(enabled: bool) -> None:
+    """With `enabled` (train.compile_cache), JAX keeps the programs it compiles in `cache_dir()/jax-compile`
+    and loads them when a later run compiles the same ones. A cache directory the user gave JAX
+    (JAX_COMPILATION_CACHE_DIR) is kept. Takes effect only before the process's first compilation."""
+    if not enabled or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax-compile"))
+    # JAX caches only programs that took a second to compile; start-up compiles many smaller ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
     """The run's tokenizer: the one in the workdir, else `tokenizer.path`, else the `init_from` run's,
     else the one of a prepared data.train directory, else one trained on data.train."""
@@ -102,8 +122,9 @@ def load_or_train_tokenizer(cfg: ConfigDict, wd: Workdir) -> Tokenizer:
             log(f"using the tokenizer of {source}")
         else:
             start = time.time()
-            train_tokenizer(specs.texts(cfg.data.train), cfg.tokenizer.vocab_size, tmp, kind=cfg.tokenizer.kind)
-            log(f"trained a {cfg.tokenizer.kind} tokenizer ({cfg.tokenizer.vocab_size} tokens) on "
+            k_cfg = cfg.tokenizer
+            trained = train_tokenizer(specs.texts(cfg.data.train), k_cfg.vocab_size, tmp, kind=k_cfg.kind)
+            log(f"trained a {k_cfg.kind} tokenizer ({describe_size(trained, k_cfg.kind, k_cfg.vocab_size)}) on "
                 f"{cfg.data.train} in {time.time() - start:.1f}s")
         tmp.rename(wd.tokenizer_dir)
     finally:
@@ -212,9 +233,10 @@ class _StopFlag:
 
 
 def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckpt: Checkpointer,
-              writer: MetricsWriter, wd: Workdir, train_sharding: NamedSharding, flops_token: float, peak: float):
+              writer: MetricsWriter, wd: Workdir, train_sharding: NamedSharding, flops_token: float, peak: float,
+              startup: StartupClock):
     """Trains from `first_step` to train.steps (or a stop signal); returns (state, step, last validation
-    metrics, the signal that stopped it or None)."""
+    metrics, the signal that stopped it or None). The first step's record says how long `startup` took."""
     t_cfg, seq_len = cfg.train, cfg.model.seq_len
     schedule = lr_schedule(t_cfg)
     tokens_per_step = t_cfg.batch_size * seq_len * objective.rows_per_example
@@ -234,6 +256,10 @@ def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckp
             interval_metrics.append(metrics)
             step += 1
             record = {}
+            if step == first_step + 1:
+                jax.block_until_ready(metrics)
+                record.update(startup.first_step())
+                log(describe_first_step(record))
             if step % t_cfg.log_every == 0 or step == t_cfg.steps:
                 fetched = jax.device_get(interval_metrics)
                 seconds = time.time() - interval_start
@@ -268,7 +294,12 @@ def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckp
 
 def train(cfg: ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
-    wd = Workdir(workdir)
+    with StartupClock() as startup:
+        use_compile_cache(cfg.train.compile_cache)
+        return _train(cfg, Workdir(workdir), startup)
+
+
+def _train(cfg: ConfigDict, wd: Workdir, startup: StartupClock) -> dict:
     cfg, tokenizer = prepare_run(cfg, wd)
     t_cfg, m_cfg = cfg.train, cfg.model
 
@@ -319,7 +350,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict:
             state, first_step = restore_or_init(cfg, ckpt, objective, abstract_state, state_sharding, tx,
                                                 ref_params, init_lora)
             state, step, last_val, stopped_by = run_steps(cfg, objective, state, first_step, ckpt, writer, wd,
-                                                          shardings.train, flops_token, peak)
+                                                          shardings.train, flops_token, peak, startup)
             if not last_val and not stopped_by:
                 last_val = objective.evaluate(state["params"])
                 log(f"step {step:>6} | {objective.describe(last_val)} (resumed)")

@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# JAX's monitoring events (jax.monitoring) for one XLA compilation or its load from the persistent compilation
+# cache, and for a hit in that cache.
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
 
 def measure_matmul_peak(dtype: str = "bfloat16", size: int = 2048, reps: int = 7) -> float:
     """Measured FLOP/s of one device on a square matmul in `dtype` with float32 accumulation: the
@@ -80,6 +85,46 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class StartupClock:
+    """Time from its creation to the first train step, and the XLA compilations meanwhile: how many, their
+    seconds, and how many came from the persistent compilation cache. Listens to JAX's monitoring events
+    while open (a context manager)."""
+
+    def __init__(self):
+        self.start = time.time()
+        self.programs = self.cache_hits = 0
+        self.compile_s = 0.0
+
+    def _on_duration(self, event: str, seconds: float, **kwargs) -> None:
+        if event == COMPILE_EVENT:
+            self.programs += 1
+            self.compile_s += seconds
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.cache_hits += 1
+
+    def __enter__(self) -> "StartupClock":
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+        jax.monitoring.unregister_event_listener(self._on_event)
+
+    def first_step(self) -> dict:
+        """The figures for a first step that has just finished, as metrics.jsonl records them."""
+        return {"first_step_s": time.time() - self.start, "compile_s": self.compile_s,
+                "programs_compiled": self.programs, "compile_cache_hits": self.cache_hits}
+
+
+def describe_first_step(record: dict) -> str:
+    """The console line for `StartupClock.first_step()`'s figures."""
+    return (f"first step after {record['first_step_s']:.1f}s (compile {record['compile_s']:.1f}s: "
+            f"{record['programs_compiled']} programs, {record['compile_cache_hits']} from the compile cache)")
 
 
 def format_duration(seconds: float) -> str:

@@ -7,8 +7,11 @@ Every variant trains `--config` from scratch for `--steps` steps in its own `lmj
 compile included, the data already tokenized into a shared cache by a warm-up run), evaluating every
 `--eval-every` steps. The target is the first variant's ("base") final val bits/byte; each variant's time to
 target is the process time at its first evaluation at or below it (start-up + the loop's elapsed time at that
-step). Prints one JSON line per run and a table; with --repeats, variants run in rounds (base, a, b, ...,
-base, a, b, ...) so a change in the host's load hits them alike.
+step). Training is deterministic, so the steps to target do not depend on the host's load, while the times do:
+the table also gives the time to target at the median step time, and `--speed-steps N` measures each variant's
+step time in a separate short run (N steps, no evaluation) that can be repeated on a quiet host. Prints one JSON
+line per run and a table; with --repeats, variants run in rounds (base, a, b, ..., base, a, b, ...) so a change
+in the host's load hits them alike.
 """
 
 import argparse
@@ -46,15 +49,20 @@ def run_variant(config: str, overrides: list[str], workdir: Path, env: dict) -> 
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     startup = wall - records[-1]["elapsed_s"]  # imports, data, model init and the compile before the loop's clock
-    evals = [(startup + r["elapsed_s"], r["val_bpb"]) for r in records if "val_bpb" in r]
-    rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
-    return {"wall_s": round(wall, 1), "startup_s": round(startup, 1), "final_bpb": round(evals[-1][1], 4),
-            "evals": [(round(t, 1), round(b, 4)) for t, b in evals],
-            "tokens_per_s": round(sorted(rates)[len(rates) // 2]) if rates else None}
+    evals = [(r["step"], startup + r["elapsed_s"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    steps = [r for r in records if "tokens_per_sec" in r]
+    rate = sorted(r["tokens_per_sec"] for r in steps)[len(steps) // 2] if steps else None
+    return {"wall_s": round(wall, 1), "startup_s": round(startup, 1),
+            "final_bpb": round(evals[-1][2], 4) if evals else None,
+            "evals": [(s, round(t, 1), round(b, 4)) for s, t, b in evals], "tokens_per_s": rate and round(rate)}
 
 
-def time_to(evals: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, bpb in evals if bpb <= target), None)
+def steps_to(evals: list, target: float) -> int | None:
+    return next((s for s, _, bpb in evals if bpb <= target), None)
+
+
+def time_to(evals: list, target: float) -> float | None:
+    return next((t for _, t, bpb in evals if bpb <= target), None)
 
 
 def main() -> None:
@@ -66,6 +74,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (base is always run)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--common", default="", help="KEY=VALUE,... applied to every variant")
+    parser.add_argument("--speed-steps", type=int, default=0, help="also time N steps of each variant alone")
     args = parser.parse_args()
     variants = dict(VARIANTS)
     for spec in args.variant:
@@ -85,18 +94,39 @@ def main() -> None:
             results[name].append(result)
             print(json.dumps({"variant": name, "round": round_, "overrides": overrides, **result}), flush=True)
     target = min(r["final_bpb"] for r in results["base"])
+    speed = {}
+    if args.speed_steps:
+        for name, overrides in variants.items():
+            quick = [f"train.steps={args.speed_steps}", "train.eval_every=0", "train.eval_steps=1", "train.log_every=1"]
+            run = run_variant(args.config, [*common, *overrides, *quick], tmp / f"{name}-speed", env)
+            speed[name] = run
+            print(json.dumps({"variant": name, "speed_run": True, **run}), flush=True)
     print(f"\ntarget: val bpb {target:.4f} (base's final); {args.config}, {args.steps} steps, eval every "
           f"{args.eval_every}; load average {os.getloadavg()[0]:.1f}")
-    print("| variant | final bpb | time to target (s) | vs base | wall (s) | start-up (s) | tokens/s |")
+    print("| variant | final bpb | steps to target | time to target (s) | at the median step time (s) | start-up (s) | "
+          "tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    base_time = min(t for r in results["base"] if (t := time_to(r["evals"], target)) is not None)
+    tokens_per_step = None
     for name, runs in results.items():
         best = min(runs, key=lambda r: r["final_bpb"])
+        steps = steps_to(best["evals"], target)
         times = [t for r in runs if (t := time_to(r["evals"], target)) is not None]
-        reached = f"{min(times):.0f}" if times else "not reached"
-        ratio = f"{min(times) / base_time:.2f}x" if times else "-"
-        print(f"| {name} | {best['final_bpb']:.4f} | {reached} | {ratio} | {min(r['wall_s'] for r in runs):.0f} | "
-              f"{min(r['startup_s'] for r in runs):.0f} | {best['tokens_per_s']} |")
+        rate = (speed.get(name) or best)["tokens_per_s"]
+        startup = (speed.get(name) or best)["startup_s"]
+        if tokens_per_step is None:
+            tokens_per_step = _tokens_per_step(args.config, common)
+        at_median = f"{startup + steps * tokens_per_step / rate:.0f}" if steps and rate else "-"
+        print(f"| {name} | {best['final_bpb']:.4f} | {steps or 'not reached'} | "
+              f"{f'{min(times):.0f}' if times else '-'} | {at_median} | {startup:.0f} | {rate} |")
+
+
+def _tokens_per_step(config: str, common: list[str]) -> int:
+    """train.batch_size x model.seq_len of `config` with the `common` overrides."""
+    sys.path.insert(0, str(REPO))
+    from lmjax.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(config), common)
+    return cfg.train.batch_size * cfg.model.seq_len
 
 
 if __name__ == "__main__":
