@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE (adds or replaces)")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these variants (base is always run)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants (and base, without --target)")
+    parser.add_argument("--target", type=float, default=0.0, help="val bpb to reach (default: base's final)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--common", default="", help="KEY=VALUE,... applied to every variant")
     parser.add_argument("--speed-steps", type=int, default=0, help="also time N steps of each variant alone")
@@ -81,7 +82,7 @@ def main() -> None:
         name, _, overrides = spec.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]
     if args.only:
-        variants = {k: v for k, v in variants.items() if k == "base" or k in args.only}
+        variants = {k: v for k, v in variants.items() if (k == "base" and not args.target) or k in args.only}
     tmp = Path(tempfile.mkdtemp(prefix="lmjax-ttq-"))
     env = {**os.environ, "LMJAX_CACHE_DIR": str(tmp / "cache"), "JAX_PLATFORMS": "cpu"}
     common = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "train.samples=",
@@ -93,7 +94,7 @@ def main() -> None:
             result = run_variant(args.config, [*common, *overrides], tmp / f"{name}-{round_}", env)
             results[name].append(result)
             print(json.dumps({"variant": name, "round": round_, "overrides": overrides, **result}), flush=True)
-    target = min(r["final_bpb"] for r in results["base"])
+    target = args.target or min(r["final_bpb"] for r in results["base"])
     speed = {}
     if args.speed_steps:
         for name, overrides in variants.items():
@@ -101,7 +102,8 @@ def main() -> None:
             run = run_variant(args.config, [*common, *overrides, *quick], tmp / f"{name}-speed", env)
             speed[name] = run
             print(json.dumps({"variant": name, "speed_run": True, **run}), flush=True)
-    print(f"\ntarget: val bpb {target:.4f} (base's final); {args.config}, {args.steps} steps, eval every "
+    origin = "given" if args.target else "base's final"
+    print(f"\ntarget: val bpb {target:.4f} ({origin}); {args.config}, {args.steps} steps, eval every "
           f"{args.eval_every}; load average {os.getloadavg()[0]:.1f}")
     print("| variant | final bpb | steps to target | time to target (s) | at the median step time (s) | start-up (s) | "
           "tokens/s |")
