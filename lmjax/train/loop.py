@@ -246,6 +246,7 @@ def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckp
     last_val: dict = {}
     run_start = interval_start = time.time()
     interval_metrics: list = []
+    first: dict = {}
     step = first_step
     data_iter = objective.data_iter
     with _StopFlag() as stop:
@@ -258,9 +259,11 @@ def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckp
             record = {}
             if step == first_step + 1:
                 jax.block_until_ready(metrics)
-                record.update(startup.first_step())
-                log(describe_first_step(record))
+                first = startup.first_step()  # goes into the first logged record, with its train loss
+                log(describe_first_step(first))
             if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                record.update(first)
+                first = {}
                 fetched = jax.device_get(interval_metrics)
                 seconds = time.time() - interval_start
                 tok_s = tokens_per_step * len(fetched) / seconds
