@@ -19,6 +19,11 @@ def get_config():
     c.model.d_model = 256
     c.model.d_ff = 768
     c.model.seq_len = 256
+    c.model.dtype = "auto"  # float32 on CPUs without a bfloat16 matrix unit: 1.39x the tokens/s of bfloat16 here
+    c.model.mlp = "relu2"  # these four reach a given val bpb in 0.52x the time (docs/benchmarks.md, "Time to quality")
+    c.model.zero_init_out = True
+    c.train.optimizer = "muon"
+    c.train.decay = "wsd"
     c.train.steps = 400
     c.train.batch_size = 16
     c.train.lr = 2e-3

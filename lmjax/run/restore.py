@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
+from lmjax.model.config import FAMILY_MLP
 from lmjax.model.lora import LoraSpec, attach, frozen_base, init_adapters, merge
 from lmjax.model.params import abstract_model, stack_layers, unstack_layers
 from lmjax.model.quantized import for_matmul, quantize_params
@@ -128,7 +129,8 @@ def check_init_from(cfg: ConfigDict) -> int:
         raise ConfigError(f"init_from {source.path} is a LoRA run (its checkpoints hold only adapters); merge it "
                           f"into a plain run first: lmjax lora merge --workdir {source.path} --out DIR")
     source_model = source_cfg.model
-    diff = {k: (source_model[k], cfg.model[k]) for k in SHAPE_KEYS if source_model[k] != cfg.model[k]}
+    diff = {k: (_shape_knob(source_model, k), _shape_knob(cfg.model, k)) for k in SHAPE_KEYS
+            if _shape_knob(source_model, k) != _shape_knob(cfg.model, k)}
     if cfg.model.family == "gpt2" and source_model.seq_len != cfg.model.seq_len:
         diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)  # the learned position table's shape
     if diff:
@@ -136,6 +138,11 @@ def check_init_from(cfg: ConfigDict) -> int:
                           + ", ".join(f"{k} {a} (there) != {b} (here)" for k, (a, b) in diff.items()))
     with Checkpointer(source.checkpoint_dir) as ckpt:
         return ckpt.resolve_step(None if cfg.init_from_step < 0 else cfg.init_from_step)
+
+
+def _shape_knob(model: ConfigDict, key: str):
+    """`model[key]`, with `mlp=""` read as the family's MLP (what it builds)."""
+    return (model.mlp or FAMILY_MLP[model.family]) if key == "mlp" else model[key]
 
 
 def init_params_from(cfg: ConfigDict, abstract_params):
