@@ -4,7 +4,7 @@
 
 1. prepares the embedded corpus (docstrings of this Python's standard library + pydoc topics): cleaning,
    deduplication, PII scrubbing, a train/val split, a SentencePiece tokenizer and a data card;
-2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (~7 minutes on 2 cores);
+2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (~6 minutes on 2 cores);
 3. fine-tunes it on the embedded chat dataset (questions about stdlib modules; ~3 minutes);
 4. asks both models held-out questions about modules never seen in fine-tuning and prints ROUGE-L;
 5. writes the chat model's report card (OUT/sft/report/report.md and .html: evaluations, bias, red-team);
@@ -44,7 +44,7 @@ def main() -> None:
         print(f"  {card['documents_in']:,} documents in, {sum(card['documents_out'].values()):,} kept, "
               f"{card['tokens_out']['train']:,} training tokens; data card: {data / 'card.md'}")
 
-    step("2/6 pretraining configs/tiny.py (about 7 minutes)", start)
+    step("2/6 pretraining configs/tiny.py (about 6 minutes)", start)
     cfg = apply_overrides(load_config("configs/tiny.py"), [f"data.train={data}", f"data.val={data}:val"])
     result = train(cfg, pretrain)
     print(f"  val bits/byte {result['val_bpb']:.3f} vs {result['unigram_bpb']:.3f} for a unigram model")
