@@ -64,16 +64,13 @@ def _encode(items: list) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, int]:
     chunk's values are its tokens then its mask row."""
     tokenizer, seq_len, kind = _worker["tokenizer"], _worker["seq_len"], _worker["kind"]
     if kind == "documents":
-        chunks = tokenize_documents(items, tokenizer, seq_len)
-        targets = [c[1:] for c in chunks]
-        dropped = 0
+        chunks, dropped = tokenize_documents(items, tokenizer, seq_len), 0
+    elif kind == "chat":
+        chunks = tokenize_conversations(items, tokenizer, seq_len)
+        dropped = len(items) - len(chunks)
     else:
-        if kind == "chat":
-            chunks = tokenize_conversations(items, tokenizer, seq_len)
-            dropped = len(items) - len(chunks)
-        else:
-            chunks, dropped = pair_chunks(items, tokenizer, seq_len)
-        targets = [c[0, 1:][(c[1, 1:] & LOSS) > 0] for c in chunks]
+        chunks, dropped = pair_chunks(items, tokenizer, seq_len)
+    targets = [c[1:] if c.ndim == 1 else c[0, 1:][(c[1, 1:] & LOSS) > 0] for c in chunks]
     counted = np.concatenate(targets) if targets else np.zeros(0, np.int32)
     unigram = np.bincount(counted, minlength=tokenizer.vocab_size)
     values = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int32)

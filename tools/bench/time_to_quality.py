@@ -108,15 +108,13 @@ def main() -> None:
     print("| variant | final bpb | steps to target | time to target (s) | at the median step time (s) | start-up (s) | "
           "tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    tokens_per_step = None
+    tokens_per_step = _tokens_per_step(args.config, common)
     for name, runs in results.items():
         best = min(runs, key=lambda r: r["final_bpb"])
         steps = steps_to(best["evals"], target)
         times = [t for r in runs if (t := time_to(r["evals"], target)) is not None]
         rate = (speed.get(name) or best)["tokens_per_s"]
         startup = (speed.get(name) or best)["startup_s"]
-        if tokens_per_step is None:
-            tokens_per_step = _tokens_per_step(args.config, common)
         at_median = f"{startup + steps * tokens_per_step / rate:.0f}" if steps and rate else "-"
         print(f"| {name} | {best['final_bpb']:.4f} | {steps or 'not reached'} | "
               f"{f'{min(times):.0f}' if times else '-'} | {at_median} | {startup:.0f} | {rate} |")
