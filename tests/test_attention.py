@@ -19,6 +19,7 @@ from lmjax.config import ConfigError, validate
 from lmjax.model.attention_kernels import (
     _sharded_splash,
     blockwise_attention,
+    cudnn_attention,
     resolve_attention,
     splash_attention,
     xla_attention,
@@ -67,8 +68,10 @@ def _assert_close(got, want, dtype: str):
 def test_blockwise_equals_xla(length, block, dtype):
     """Five blocks, the last one padded (70 tokens); one block shorter than `block`."""
     inputs = _inputs(length, dtype)
-    got = _output_and_grads(functools.partial(blockwise_attention, block=block), *inputs)
-    _assert_close(got, _output_and_grads(xla_attention, *inputs), dtype)
+    with jax.default_matmul_precision("highest"):  # float32 matmuls on GPUs default to TF32 (10-bit mantissa)
+        got = _output_and_grads(functools.partial(blockwise_attention, block=block), *inputs)
+        want = _output_and_grads(xla_attention, *inputs)
+    _assert_close(got, want, dtype)
 
 
 def test_splash_in_interpret_mode_equals_xla():
@@ -108,6 +111,26 @@ def test_tiny_model_trains_the_same_with_blockwise_attention():
     _assert_close(grads, want_grads, "float32")
 
 
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs only on GPUs")
+
+
+@on_gpu
+@pytest.mark.parametrize("length, head_dim", [(70, 16), (257, 64)])
+def test_cudnn_equals_xla_on_gpu(length, head_dim):
+    """cuDNN's flash attention against XLA in bfloat16: packed segments with padding, grouped-query heads, and an
+    odd length (padded by one token for cuDNN's backward)."""
+    inputs = _inputs(length, "bfloat16", head_dim=head_dim)
+    got = _output_and_grads(cudnn_attention, *inputs)
+    _assert_close(got, _output_and_grads(xla_attention, *inputs), "bfloat16")
+
+
+@on_gpu
+def test_tiny_model_trains_the_same_with_cudnn_attention_on_gpu():
+    (loss, grads), (want_loss, want_grads) = (_tiny_model_loss_and_grads(a, "bfloat16") for a in ("cudnn", "xla"))
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-2)
+    _assert_close(grads, want_grads, "bfloat16")
+
+
 def test_auto_picks_per_backend_and_explicit_choices_check_it():
     assert resolve_attention("auto", "cpu", "bfloat16", 64) == "xla"
     assert resolve_attention("auto", "tpu", "float32", 64) == "splash"
@@ -121,6 +144,7 @@ def test_auto_picks_per_backend_and_explicit_choices_check_it():
         resolve_attention("cudnn", "gpu", "float32", 64)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusals on a CPU")
 @pytest.mark.parametrize("attention, message", [
     ("cudnn", "model.attention=cudnn runs only on GPUs; this backend is cpu"),
     ("splash", "model.attention=splash runs only on TPUs; this backend is cpu"),

@@ -8,13 +8,20 @@ measured in this run in the same dtype.
 
     .venv/bin/python tools/bench/train_throughput.py                      # llama d256 + gpt2 d512
     .venv/bin/python tools/bench/train_throughput.py --family gpt2 --d-model 768 --layers 2 --breakdown
+
+On a GPU, PyTorch runs on the GPU too (autocast on "cuda", its default SDPA attention), and MFU divides by the
+chip's spec-sheet bfloat16 peak (`lmjax.train.metrics.mfu_peak`) instead of a measured one.
 """
 
 import argparse
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# On a GPU, JAX would otherwise take 75% of its memory at start-up and leave PyTorch too little.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +33,7 @@ from lmjax.config import base_config, validate
 from lmjax.model.config import ModelConfig
 from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, flops_per_token
-from lmjax.train.metrics import measure_matmul_peak
+from lmjax.train.metrics import measure_matmul_peak, mfu_peak
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_state, train_step
 
@@ -81,6 +88,7 @@ def model_config(args: argparse.Namespace, family: str, d_model: int) -> ConfigD
     m.seq_len = args.seq_len
     m.vocab_size = args.vocab
     m.dtype = args.dtype
+    m.attention = args.attention
     m.tie_embeddings = family == "gpt2"
     validate(cfg)
     return cfg
@@ -170,14 +178,14 @@ def bench_hf(cfg: ConfigDict, args: argparse.Namespace, bf16: bool) -> Result:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(2)
+    device = torch_device()
     torch.manual_seed(0)
     m = cfg.model
     hf_cfg = GPT2Config(vocab_size=m.vocab_size, n_positions=m.seq_len, n_embd=m.d_model, n_layer=m.num_layers,
                         n_head=m.num_heads, n_inner=m.d_ff, activation_function="gelu_new",
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_eps,
                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
-    model = GPT2LMHeadModel(hf_cfg).train()
+    model = GPT2LMHeadModel(hf_cfg).to(device).train()
     t = cfg.train
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
@@ -185,31 +193,45 @@ def bench_hf(cfg: ConfigDict, args: argparse.Namespace, bf16: bool) -> Result:
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
                                 weight_decay=t.weight_decay)
-    tokens = torch.from_numpy(random_batch(args)["inputs"][0].astype(np.int64))
+    tokens = torch.from_numpy(random_batch(args)["inputs"][0].astype(np.int64)).to(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     name = "HF GPT-2 (bf16 autocast)" if bf16 else "HF GPT-2"
     return Result(name, "bfloat16" if bf16 else "float32", step, args.batch * args.seq_len)
 
 
-def torch_matmul_peak(dtype: str, size: int = 2048, reps: int = 7) -> float:
-    """FLOP/s of torch.mm on a square matrix (2 threads), for reading the HF figures."""
+def torch_device() -> str:
+    """"cuda" when JAX runs on a GPU (and PyTorch sees one), else "cpu" with 2 threads like JAX here."""
     import torch
 
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
     torch.set_num_threads(2)
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
+    return "cpu"
+
+
+def torch_matmul_peak(dtype: str, size: int = 2048, reps: int = 7) -> float:
+    """FLOP/s of torch.mm on a square matrix, for reading the HF figures."""
+    import torch
+
+    device = torch_device()
+    a = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
     torch.mm(a, a)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         torch.mm(a, a)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / float(np.median(times))
 
@@ -226,6 +248,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="lmjax compute dtype")
+    p.add_argument("--attention", default="auto", help="lmjax model.attention (auto: cudnn on GPUs in bf16)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
@@ -246,7 +269,8 @@ def main() -> None:
           f"batch {args.batch} x seq_len {args.seq_len}, vocab {args.vocab}, {args.layers} layers; "
           f"median of {args.steps} steps after {args.warmup} warm-up steps")
     dtypes = {args.dtype} | ({"float32", "bfloat16"} if not args.no_hf else set())
-    peaks = {dt: measure_matmul_peak(dt) for dt in sorted(dtypes)}
+    peaks = {dt: mfu_peak(dt)[0] for dt in sorted(dtypes)}
+    on_cpu = jax.default_backend() == "cpu"
 
     rows = []
     for family, d_model in args.cases:
@@ -269,11 +293,11 @@ def main() -> None:
 
     # Peaks again at the end: a noisy host lowers a measurement, so take the better of the two.
     for dt in peaks:
-        peaks[dt] = max(peaks[dt], measure_matmul_peak(dt))
-    print("\nmatmul peak (2048², f32 accumulation, jax): "
+        peaks[dt] = max(peaks[dt], measure_matmul_peak(dt)) if on_cpu else peaks[dt]
+    print(f"\nMFU peak ({mfu_peak(args.dtype)[1]}): "
           + ", ".join(f"{dt} {p / 1e9:.0f} GFLOP/s" for dt, p in peaks.items()))
     if not args.no_hf:
-        print("torch.mm 2048² (2 threads):                  "
+        print(f"torch.mm 2048² ({torch_device()}):                  "
               + ", ".join(f"{dt} {torch_matmul_peak(dt) / 1e9:.0f} GFLOP/s" for dt in sorted(dtypes)))
 
     header = (f"\n{'case':24s} {'implementation':25s} {'dtype':9s} {'GFLOP/tok':>9s} {'step ms':>8s} "
@@ -288,7 +312,7 @@ def main() -> None:
             print(f"{label:24s} {r.name:25s} {r.dtype:9s} {fpt / 1e9:9.4f} {r.step_s * 1e3:8.1f} "
                   f"{r.tokens_per_s:9.0f} {flops / 1e12:8.3f} {flops / peaks[r.dtype]:6.1%} {ratio:>10s} "
                   f"{r.compile_s:10.1f}")
-    print("\nMFU = flops_per_token x tokens/s / measured matmul peak of the row's dtype (model FLOPs only: "
+    print("\nMFU = flops_per_token x tokens/s / the peak above of the row's dtype (model FLOPs only: "
           "no recomputation, attention counted without the causal halving). lmjax/this = lmjax tokens/s over "
           "the row's. 1st step = compile (lmjax) or first eager step (HF).")
 
