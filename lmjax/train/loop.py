@@ -24,7 +24,8 @@ from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.infer.sampler import Sampler
 from lmjax.input import specs
 from lmjax.input.loaders import loader_count
-from lmjax.model.config import compute_dtype
+from lmjax.model.attention_kernels import resolve_attention
+from lmjax.model.config import ModelConfig, compute_dtype
 from lmjax.model.lora import LoraSpec, adapter_axes, attach
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
@@ -139,6 +140,10 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     if cfg.model.dtype == "auto":
         cfg.model.dtype = compute_dtype("auto", jax.default_backend())
         log(f"model.dtype=auto: computing in {cfg.model.dtype} on {jax.default_backend()}")
+    if cfg.model.attention == "auto":
+        head_dim = ModelConfig.from_config(cfg.model).head_dim
+        log(f"model.attention=auto: {resolve_attention('auto', jax.default_backend(), cfg.model.dtype, head_dim)} "
+            f"attention on {jax.default_backend()}")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
                           "in float16; train in bfloat16 or float32 (float16 is fine for inference)")
