@@ -88,24 +88,26 @@ def input_vs_step(shards: Path, tokenizer_dir: Path, steps: int = 200) -> dict:
 
 
 def tokenize_real_text(tmp: Path, env: dict, megabytes: float, workers: int) -> dict:
-    """`lmjax data tokenize` tokens/s on real text: the embedded stdlib corpus (English and code) repeated to
-    `megabytes`, with a 4096-token BPE trained on it. The generated corpora have a vocabulary of ~4000 made-up
-    words, so a BPE of 4096 makes almost every word one token (~6.6 characters per token, against ~3.8 on real
-    text) and SentencePiece's per-character cost shows as fewer tokens/s there."""
+    """`lmjax data tokenize` tokens/s on real text: the embedded stdlib corpus (English and code; one JSONL line
+    per document, as web corpora come) repeated to `megabytes`, with a 4096-token BPE trained on it. The
+    generated corpora have a vocabulary of ~4000 made-up words, so a BPE of 4096 makes almost every word one
+    token (~6.6 characters per token, against ~3.8 on real text) and SentencePiece's per-character cost shows
+    as fewer tokens/s there."""
     from lmjax.corpus.stdlib_docs import stdlib_documents
+    from lmjax.text.io import write_jsonl
     from lmjax.text.tokenizer import train_tokenizer
 
     docs = stdlib_documents()
     tokenizer = tmp / "tokenizer-stdlib"
     train_tokenizer(docs, 4096, tokenizer)
-    one = "\n\n".join(docs)
-    text = tmp / "stdlib-repeated.txt"
-    text.write_text("\n\n".join([one] * max(1, round(megabytes * 1e6 / len(one.encode())))))
+    copies = max(1, round(megabytes * 1e6 / sum(len(d.encode()) for d in docs)))
+    text = tmp / "stdlib-repeated.jsonl"
+    write_jsonl(({"text": d} for _ in range(copies) for d in docs), text)
     out = tmp / "shards-stdlib"
-    run = run_timed(lmjax("data", "tokenize", "--source", f"text:{text}", "--tokenizer", str(tokenizer), "--out",
+    run = run_timed(lmjax("data", "tokenize", "--source", f"jsonl:{text}", "--tokenizer", str(tokenizer), "--out",
                           str(out), "--seq-len", "256", "--workers", str(workers)), env, "tokenized")
     manifest = json.loads((out / "manifest.json").read_text())
-    tokens, chars = manifest["splits"]["train"]["tokens"], len(text.read_text())
+    tokens, chars = manifest["splits"]["train"]["tokens"], copies * sum(len(d) for d in docs)
     return {"real_text_mb": round(text.stat().st_size / 1e6, 1), "tokens": tokens,
             "chars_per_token": round(chars / tokens, 2), "tokenize": {
                 **run, "tokens_per_s_in_writer": round(tokens / manifest["seconds"])}}
