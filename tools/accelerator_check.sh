@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need an accelerator, in one go (CI has none): the GPU-only tests, a short run of the tiny
 # config end to end (train + sample) with `auto` dtype and attention, and the train-step benchmark against
-# PyTorch on the same chip with attention auto (cuDNN on GPUs) and xla. Output is tee'd to $LOG_DIR (default ./accel-logs).
+# PyTorch on the same chip with attention auto (cuDNN on GPUs) and xla. Output is tee'd to $LOG_DIR (default runs/accelerator-check).
 #
 #     PYTHON=.venv/bin/python bash tools/accelerator_check.sh
 set -u
 PY=${PYTHON:-python3}
-LOG=${LOG_DIR:-accel-logs}
+LOG=${LOG_DIR:-runs/accelerator-check}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 LMJAX_CACHE_DIR=${LMJAX_CACHE_DIR:-/tmp/lmjax-accel-cache}
 section() { echo; echo "=== $1 ($(date +%T))"; }
