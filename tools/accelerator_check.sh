@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need an accelerator, in one go (CI has none): the GPU-only tests, a short run of the tiny
 # config end to end (train + sample) with `auto` dtype and attention, and the train-step benchmark against
-# PyTorch on the same chip with attention auto (cuDNN on GPUs) and xla. Output is tee'd to $LOG_DIR (default runs/accelerator-check).
+# PyTorch on the same chip with attention auto (cuDNN on GPUs) and xla. Output is tee'd to $LOG_DIR
+# (default runs/accelerator-check). Knobs: STEPS (tiny run), SHAPE (benchmark flags).
 #
 #     PYTHON=.venv/bin/python bash tools/accelerator_check.sh
 set -u
