@@ -60,7 +60,8 @@ class _Saves:
 
 def test_tokens_per_second_leave_out_evaluation_time(tmp_path):
     """Steps of 50 ms, an evaluation of 400 ms every 2 steps, a log line every 4: the logged throughput is
-    that of the steps alone (inflated 2x when the interval restarted after each evaluation)."""
+    that of the steps alone, 320 tokens/s. Counting the evaluations would give 64, restarting the interval
+    after each one 640; the lower bound leaves room for a loaded host's overhead per step."""
     cfg = tiny_config("train.steps=8", "train.log_every=4", "train.eval_every=2", "train.batch_size=2",
                       "model.seq_len=8")
     batch = {k: np.zeros((2, 8), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -81,7 +82,7 @@ def test_tokens_per_second_leave_out_evaluation_time(tmp_path):
     rates = [r["tokens_per_sec"] for r in read_metrics(wd.metrics_path) if "tokens_per_sec" in r]
     assert len(rates) == 2
     for rate in rates:
-        assert 2 * 8 / 0.05 * 0.75 < rate < 2 * 8 / 0.05 * 1.05, rates
+        assert 2 * 8 / 0.05 * 0.45 < rate < 2 * 8 / 0.05 * 1.05, rates
 
 
 def test_chat_unigram_baseline_counts_only_the_assistant_tokens():

@@ -137,17 +137,18 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     """Checks `cfg` against the devices, the workdir and init_from, settles the tokenizer and the knobs
     decided at the first start, and saves config.json. Reads no training data and compiles nothing."""
     validate(cfg)
-    if cfg.model.dtype == "auto":
-        cfg.model.dtype = compute_dtype("auto", jax.default_backend())
-        log(f"model.dtype=auto: computing in {cfg.model.dtype} on {jax.default_backend()}")
-    if cfg.model.attention == "auto":
-        head_dim = ModelConfig.from_config(cfg.model).head_dim
-        log(f"model.attention=auto: {resolve_attention('auto', jax.default_backend(), cfg.model.dtype, head_dim)} "
-            f"attention on {jax.default_backend()}")
     if cfg.model.dtype == "float16":
         raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
                           "in float16; train in bfloat16 or float32 (float16 is fine for inference)")
-    distributed.initialize(cfg)
+    distributed.initialize(cfg)  # before anything asks for the backend, which would start JAX single-process
+    backend = jax.default_backend()
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = compute_dtype("auto", backend)
+        log(f"model.dtype=auto: computing in {cfg.model.dtype} on {backend}")
+    if cfg.model.attention == "auto":
+        head_dim = ModelConfig.from_config(cfg.model).head_dim
+        log(f"model.attention=auto: {resolve_attention('auto', backend, cfg.model.dtype, head_dim)} attention on "
+            f"{backend}")
     if cfg.init_model and not cfg.init_from:
         raise ConfigError("init_model takes the model from init_from: set --config.init_from=RUN (the imported or "
                           "pretrained run to fine-tune)")
