@@ -269,8 +269,9 @@ def main() -> None:
           f"batch {args.batch} x seq_len {args.seq_len}, vocab {args.vocab}, {args.layers} layers; "
           f"median of {args.steps} steps after {args.warmup} warm-up steps")
     dtypes = {args.dtype} | ({"float32", "bfloat16"} if not args.no_hf else set())
-    peaks = {dt: mfu_peak(dt)[0] for dt in sorted(dtypes)}
-    on_cpu = jax.default_backend() == "cpu"
+    peaks, peak_source = {}, {}
+    for dt in sorted(dtypes):
+        peaks[dt], peak_source[dt] = mfu_peak(dt)
 
     rows = []
     for family, d_model in args.cases:
@@ -291,10 +292,10 @@ def main() -> None:
             for name, seconds in parts.items():
                 print(f"  {name:38s} {seconds * 1e3:9.1f}")
 
-    # Peaks again at the end: a noisy host lowers a measurement, so take the better of the two.
-    for dt in peaks:
-        peaks[dt] = max(peaks[dt], measure_matmul_peak(dt)) if on_cpu else peaks[dt]
-    print(f"\nMFU peak ({mfu_peak(args.dtype)[1]}): "
+    if jax.default_backend() == "cpu":  # measured peaks again: a noisy host lowers one, so take the better
+        for dt in peaks:
+            peaks[dt] = max(peaks[dt], measure_matmul_peak(dt))
+    print(f"\nMFU peak ({peak_source[args.dtype]}): "
           + ", ".join(f"{dt} {p / 1e9:.0f} GFLOP/s" for dt, p in peaks.items()))
     if not args.no_hf:
         print(f"torch.mm 2048² ({torch_device()}):                  "
