@@ -107,6 +107,7 @@ def base_config() -> ConfigDict:
     t.compile_cache = True  # reuse compiled programs across runs (in $LMJAX_CACHE_DIR/jax-compile); False = off
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
+    t.dpo_nll = 0.0  # DPO: weight of the chosen reply's mean token NLL added to the loss (RPO); 0 = plain DPO
     t.samples = ("Return the", "This module")  # prompts sampled into samples.txt at the end of training
     t.lora = o = ConfigDict()  # LoRA: train low-rank adapters on the frozen init_from weights (lmjax/model/lora.py)
     o.rank = 0  # adapter rank r; 0 = off (train every parameter)
@@ -316,6 +317,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(0.0 <= t.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
+    _check(t.dpo_nll >= 0, f"train.dpo_nll must be >= 0, got {t.dpo_nll}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _validate_lora(cfg)
     _validate_adversarial(cfg)

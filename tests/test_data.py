@@ -230,6 +230,17 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
         Tokenizer.load(corrupt)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char", "unigram"])
+def test_encode_by_words_equals_sentencepiece_on_whole_texts(corpus, tmp_path, kind):
+    tok = train_tokenizer(corpus[:300], vocab_size=600, out_dir=tmp_path, kind=kind)
+    assert (tok._word_ids is None) == (kind == "unigram"), "unigram segments whole texts, not word by word"
+    texts = [t for t in ROUND_TRIP_TEXTS if SPACE_MARK not in t] + corpus[300:600] + ["  lead", "trail  ", " "]
+    whole = tok.sp.encode(texts, out_type=int)
+    assert tok.encode_batch(texts) == whole
+    assert tok.encode_batch(texts[::-1]) == whole[::-1], "a second pass (words looked up) gives the same ids"
+    assert [tok.encode(t) for t in texts[:20]] == whole[:20]
+
+
 @pytest.mark.parametrize("kind", ["unigram", "char"])
 def test_other_tokenizer_kinds(corpus, tmp_path, kind):
     tok = train_tokenizer(corpus[:300], vocab_size=600, out_dir=tmp_path, kind=kind)

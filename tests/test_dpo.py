@@ -29,6 +29,9 @@ def test_dpo_terms_known_values_and_ties_count_half():
     np.testing.assert_allclose(margin, margins)
     np.testing.assert_allclose(loss, [math.log1p(math.exp(-0.5 * x)) for x in margins], rtol=1e-6)
     np.testing.assert_array_equal(correct, [1.0, 0.0, 0.5])
+    rpo, _, _ = pair_terms(jnp.array([-1.0, -4.0, -2.0]), jnp.array([-3.0, -2.0, -2.0]), jnp.full(3, -2.0),
+                           jnp.full(3, -2.0), beta=0.5, nll=0.5, chosen_tokens=jnp.array([2.0, 4.0, 0.0]))
+    np.testing.assert_allclose(rpo - loss, [0.5 * 1 / 2, 0.5 * 4 / 4, 0.5 * 2 / 1], rtol=1e-6)  # 0 tokens: / 1
 
 
 def test_heldout_split_keeps_every_pair_of_a_prompt_on_one_side():

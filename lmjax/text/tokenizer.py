@@ -1,5 +1,11 @@
 """SentencePiece tokenizer with exact round-trips, byte fallback and chat special tokens.
 
+`encode_batch` keeps the ids of the words it has seen (a word: a run of spaces, then the non-space characters
+after it). A BPE or char model that splits at whitespace never makes a piece across that boundary, so a word
+encodes the same wherever it occurs, and on real text most words are frequent ones looked up instead of encoded
+(tested against SentencePiece on whole texts); a unigram model's best segmentation is not always per word, so it
+always encodes whole texts.
+
 The chat markers are SentencePiece control pieces: only `encode_chat` puts them in by id, so no text
 (a user's message included) encodes to them. A saved tokenizer is `tokenizer.model` plus
 `tokenizer_format.json` holding {"format": FORMAT}.
@@ -10,12 +16,14 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from lmjax.config import DataError
 from lmjax.text.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
@@ -37,6 +45,8 @@ BYTE_PIECES = 256  # byte fallback: one piece per byte value, so any text encode
 META_PIECES = 4 + len(SPECIAL_TOKENS)  # pad, unk, bos, eos and the chat markers
 # Vocabulary size a char tokenizer is trained with: room for every Unicode character, so it keeps all it sees.
 CHAR_VOCAB_BOUND = sys.maxunicode + 1 + BYTE_PIECES + META_PIECES
+WORD = re.compile(r" *[^ ]+| +")  # a word as SentencePiece splits at whitespace (only " " is whitespace to it)
+WORD_CACHE = 1 << 17  # words whose ids a tokenizer keeps (tens of MB); later new words are encoded every time
 
 
 def training_sentences(docs: Iterable[str], max_chars: int = MAX_SENTENCE_CHARS) -> Iterator[str]:
@@ -79,6 +89,7 @@ class Tokenizer:
         if not all(self.sp.is_byte(i) for i in self._space_mark_ids):
             raise DataError(f"{source} has no byte-fallback pieces, so it cannot encode every text; {RETRAIN}")
         self._hidden = np.array([self.sp.is_control(i) for i in range(self.sp.get_piece_size())])
+        self._word_ids: dict[str, list[int]] | None = {} if _splits_into_words(model_proto) else None
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -137,13 +148,28 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; `decode` gives back exactly `text`."""
-        return self._join([self.sp.encode(part, out_type=int) for part in text.split(SPACE_MARK)])
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """`encode` of each text, on all cores."""
+        """`encode` of each text, new words (or whole texts, see the module docstring) on all cores."""
         parts = [text.split(SPACE_MARK) for text in texts]
-        flat = iter(self.sp.encode([p for ps in parts for p in ps], out_type=int, num_threads=os.cpu_count() or 1))
-        return [self._join([next(flat) for _ in ps]) for ps in parts]
+        flat = [p for ps in parts for p in ps]
+        encoded = iter(self._spm_encode(flat) if self._word_ids is None else self._encode_words(flat))
+        return [self._join([next(encoded) for _ in ps]) for ps in parts]
+
+    def _spm_encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+
+    def _encode_words(self, texts: list[str]) -> list[list[int]]:
+        """SentencePiece's ids of `texts` (without the space mark), word by word: known words looked up, new
+        ones encoded together and kept while the cache has room."""
+        words = [WORD.findall(text) for text in texts]
+        known = self._word_ids
+        new = list(dict.fromkeys(w for ws in words for w in ws if w not in known))
+        found = dict(zip(new, self._spm_encode(new), strict=True))
+        if len(known) < WORD_CACHE:
+            known.update(found)
+        return [list(itertools.chain.from_iterable([known.get(w) or found[w] for w in ws])) for ws in words]
 
     def _join(self, parts: list[list[int]]) -> list[int]:
         """The ids of text pieces that were cut at SPACE_MARK, with the mark spelled in byte pieces between
@@ -181,6 +207,17 @@ class Tokenizer:
             elif not (self._hidden[i] or self.sp.is_unknown(i) or self.sp.is_unused(i)):
                 out[i] = len(self.sp.id_to_piece(i).replace(SPACE_MARK, " ").encode())
         return out
+
+
+def _splits_into_words(model_proto: bytes) -> bool:
+    """Whether the model's pieces never cross `WORD` boundaries: BPE or char, split at whitespace (kept as a
+    prefix, runs of it allowed as pieces), no whitespace normalisation or dummy prefix (how lmjax trains)."""
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(model_proto)
+    t, n = m.trainer_spec, m.normalizer_spec
+    return (t.model_type in (t.BPE, t.CHAR) and t.split_by_whitespace and not t.treat_whitespace_as_suffix
+            and t.allow_whitespace_only_pieces and not n.remove_extra_whitespaces and not n.add_dummy_prefix
+            and n.name == "identity" and not n.precompiled_charsmap)
 
 
 def load_tokenizer(path: str | Path) -> "Tokenizer | HFTokenizer":

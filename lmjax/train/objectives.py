@@ -130,10 +130,11 @@ def dpo_objective(ctx: RunContext) -> Objective:
         val_pairs, seq_len, micro // n_proc, t_cfg.eval_steps, jax.process_index(), n_proc)]
     params_sharding = state_sharding["params"]
     step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=t_cfg.dpo_beta,
-                                     adversarial=AdversarialSpec.from_config(t_cfg.adversarial)),
+                                     nll=t_cfg.dpo_nll, adversarial=AdversarialSpec.from_config(t_cfg.adversarial)),
                    in_shardings=(state_sharding, params_sharding, shardings.train),
                    out_shardings=(state_sharding, shardings.replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(dpo_eval_step, graphdef=graphdef, beta=t_cfg.dpo_beta),
+    eval_fn = jax.jit(functools.partial(dpo_eval_step, graphdef=graphdef, beta=t_cfg.dpo_beta,
+                                        nll=t_cfg.dpo_nll),
                       in_shardings=(params_sharding, params_sharding, shardings.eval))
 
     def describe(v: dict) -> str:

@@ -10,17 +10,20 @@ For each corpus: tokenizes it into token shards (`lmjax data tokenize`, tokens/s
 `lmjax train` of a tiny model from the shards and (with --baseline) the same run from the raw source with
 the code of commit REV (a `git worktree`), which tokenizes the whole corpus in memory at every start. Each
 run's time from process start to its first logged step and its peak RSS (wait4) are printed as one JSON line.
-With --real-text-mb, tokenizing is also timed on real text (`tokenize_real_text`).
+With --real-text-mb, tokenizing is also timed on that much real text that never repeats (`tokenize_real_text`).
 """
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +39,11 @@ def corpus_spec(corpus: Path) -> str:
     return f"jsonl:{corpus}/**/*.jsonl"
 
 
-def run_timed(cmd: list[str], env: dict, marker: str) -> dict:
-    """Runs `cmd`; seconds until a line of its output contains `marker`, total seconds, peak RSS (MB)."""
+def run_timed(cmd: list[str], env: dict, marker: str, cwd: Path = REPO) -> dict:
+    """Runs `cmd` in `cwd` (whose `lmjax` package `python -m` imports first); seconds until a line of its output
+    contains `marker`, total seconds, peak RSS (MB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     first, lines = None, []
     for line in proc.stdout:
         lines.append(line)
@@ -87,28 +91,45 @@ def input_vs_step(shards: Path, tokenizer_dir: Path, steps: int = 200) -> dict:
             "input_over_step": round(input_rate / step_rate, 1)}
 
 
+def real_documents(megabytes: float) -> Iterator[str]:
+    """About `megabytes` of real text, none of it repeated: the embedded stdlib corpus (docstrings and prose),
+    then the Python source files of the installed packages (code, comments, docstrings; sorted by path)."""
+    from lmjax.corpus.stdlib_docs import stdlib_documents
+
+    budget = megabytes * 1e6
+    files = sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py"))
+    for doc in itertools.chain(stdlib_documents(), (f.read_text(errors="replace") for f in files)):
+        if budget <= 0:
+            return
+        budget -= len(doc.encode())
+        yield doc
+
+
 def tokenize_real_text(tmp: Path, env: dict, megabytes: float, workers: int) -> dict:
-    """`lmjax data tokenize` tokens/s on real text: the embedded stdlib corpus (English and code; one JSONL line
-    per document, as web corpora come) repeated to `megabytes`, with a 4096-token BPE trained on it. The
+    """`lmjax data tokenize` tokens/s on ~`megabytes` of real text that never repeats (`real_documents`; one
+    JSONL line per document, as web corpora come), with a 4096-token BPE trained on the stdlib corpus. The
     generated corpora have a vocabulary of ~4000 made-up words, so a BPE of 4096 makes almost every word one
-    token (~6.6 characters per token, against ~3.8 on real text) and SentencePiece's per-character cost shows
-    as fewer tokens/s there."""
+    token (~6.6 characters per token, against ~3.8 on real text) and every word is a known one after the first
+    few documents; real text has new words all along (identifiers, numbers, names)."""
     from lmjax.corpus.stdlib_docs import stdlib_documents
     from lmjax.text.io import write_jsonl
     from lmjax.text.tokenizer import train_tokenizer
 
-    docs = stdlib_documents()
     tokenizer = tmp / "tokenizer-stdlib"
-    train_tokenizer(docs, 4096, tokenizer)
-    copies = max(1, round(megabytes * 1e6 / sum(len(d.encode()) for d in docs)))
-    text = tmp / "stdlib-repeated.jsonl"
-    write_jsonl(({"text": d} for _ in range(copies) for d in docs), text)
-    out = tmp / "shards-stdlib"
+    train_tokenizer(stdlib_documents(), 4096, tokenizer)
+    text = tmp / "real-text.jsonl"
+    chars = 0
+    docs = []
+    for doc in real_documents(megabytes):
+        chars += len(doc)
+        docs.append({"text": doc})
+    write_jsonl(docs, text)
+    out = tmp / "shards-real-text"
     run = run_timed(lmjax("data", "tokenize", "--source", f"jsonl:{text}", "--tokenizer", str(tokenizer), "--out",
                           str(out), "--seq-len", "256", "--workers", str(workers)), env, "tokenized")
     manifest = json.loads((out / "manifest.json").read_text())
-    tokens, chars = manifest["splits"]["train"]["tokens"], copies * sum(len(d) for d in docs)
-    return {"real_text_mb": round(text.stat().st_size / 1e6, 1), "tokens": tokens,
+    tokens = manifest["splits"]["train"]["tokens"]
+    return {"real_text_mb": round(text.stat().st_size / 1e6, 1), "documents": len(docs), "tokens": tokens,
             "chars_per_token": round(chars / tokens, 2), "tokenize": {
                 **run, "tokens_per_s_in_writer": round(tokens / manifest["seconds"])}}
 
@@ -122,11 +143,10 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmjax-input-scale-"))
     env = {**os.environ, "LMJAX_CACHE_DIR": str(tmp / "cache"), "JAX_PLATFORMS": "cpu"}
-    base_env = None
-    if args.baseline:
-        subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "base"), args.baseline], cwd=REPO, check=True,
+    base = tmp / "base" if args.baseline else None  # the baseline's checkout: its runs start there
+    if base:
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
                        capture_output=True)
-        base_env = {**env, "PYTHONPATH": str(tmp / "base")}
     tokenizer = tmp / "tokenizer"
     val = tmp / "val.txt"
     from lmjax.corpus.sources import read_documents
@@ -150,17 +170,17 @@ def main() -> None:
                       "tokenize": {**tok_run, "tokens_per_s_in_writer": round(tokens / manifest["seconds"])},
                       "train_from_shards": run_timed(train_cmd(tmp / f"run-{corpus.name}", str(shards), f"text:{val}",
                                                                tokenizer), env, " | loss ")}
-            if base_env is not None:
+            if base:
                 result["train_in_memory_baseline"] = run_timed(
                     train_cmd(tmp / f"base-{corpus.name}", corpus_spec(corpus), f"text:{val}", tokenizer),
-                    base_env, " | loss ")
+                    env, " | loss ", cwd=base)
             print(json.dumps(result), flush=True)
         print(json.dumps(input_vs_step(shards, tokenizer)), flush=True)
         if args.real_text_mb:
             print(json.dumps(tokenize_real_text(tmp, env, args.real_text_mb, args.workers)), flush=True)
     finally:
-        if base_env is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "base")], cwd=REPO, check=False)
+        if base:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
         print(f"own peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; outputs in {tmp}",
               file=sys.stderr)
 
