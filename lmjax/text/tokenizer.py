@@ -47,6 +47,7 @@ META_PIECES = 4 + len(SPECIAL_TOKENS)  # pad, unk, bos, eos and the chat markers
 CHAR_VOCAB_BOUND = sys.maxunicode + 1 + BYTE_PIECES + META_PIECES
 WORD = re.compile(r" *[^ ]+| +")  # a word as SentencePiece splits at whitespace (only " " is whitespace to it)
 WORD_CACHE = 1 << 17  # words whose ids a tokenizer keeps (tens of MB); later new words are encoded every time
+WORD_CACHE_CHARS = 48  # longer words (base64, long lines without spaces) are encoded every time, never kept
 
 
 def training_sentences(docs: Iterable[str], max_chars: int = MAX_SENTENCE_CHARS) -> Iterator[str]:
@@ -162,13 +163,13 @@ class Tokenizer:
 
     def _encode_words(self, texts: list[str]) -> list[list[int]]:
         """SentencePiece's ids of `texts` (without the space mark), word by word: known words looked up, new
-        ones encoded together and kept while the cache has room."""
+        short ones encoded together and kept while the cache has room."""
         words = [WORD.findall(text) for text in texts]
         known = self._word_ids
         new = list(dict.fromkeys(w for ws in words for w in ws if w not in known))
         found = dict(zip(new, self._spm_encode(new), strict=True))
         if len(known) < WORD_CACHE:
-            known.update(found)
+            known.update((w, ids) for w, ids in found.items() if len(w) <= WORD_CACHE_CHARS)
         return [list(itertools.chain.from_iterable([known.get(w) or found[w] for w in ws])) for ws in words]
 
     def _join(self, parts: list[list[int]]) -> list[int]:
