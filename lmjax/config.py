@@ -78,7 +78,7 @@ def base_config() -> ConfigDict:
     m.zero_init_out = False  # attention-output and MLP-down projections start at zero (each block starts as identity)
     m.logit_softcap = 0.0  # squash the output logits to (-cap, cap) with cap * tanh(logits / cap); 0 = off
     m.remat = "nothing"  # per-block rematerialisation in training: "nothing" (keep all), "dots" (keep matmuls), "full"
-    m.attention = "auto"  # training attention: auto (per backend), xla, cudnn (GPU), splash (TPU) or blockwise (flash)
+    m.attention = "auto"  # auto (per backend and seq_len), xla, cudnn (GPU), splash (TPU) or blockwise (flash)
     m.scan_layers = False  # blocks' params stacked on a "layers" axis and run by one scanned (rematerialised) block
 
     c.train = t = ConfigDict()

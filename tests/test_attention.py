@@ -132,16 +132,18 @@ def test_tiny_model_trains_the_same_with_cudnn_attention_on_gpu():
 
 
 def test_auto_picks_per_backend_and_explicit_choices_check_it():
-    assert resolve_attention("auto", "cpu", "bfloat16", 64) == "xla"
-    assert resolve_attention("auto", "tpu", "float32", 64) == "splash"
-    assert resolve_attention("auto", "gpu", "bfloat16", 128) == "cudnn"
-    assert resolve_attention("auto", "gpu", "float32", 64) == "xla"  # cuDNN's flash attention is half precision
-    assert resolve_attention("auto", "gpu", "bfloat16", 60) == "xla"  # and needs a head width multiple of 8
-    assert resolve_attention("blockwise", "cpu", "float32", 64) == "blockwise"
-    assert resolve_attention("cudnn", "gpu", "float16", 64) == "cudnn"
-    assert resolve_attention("splash", "tpu", "bfloat16", 64) == "splash"
+    assert resolve_attention("auto", "cpu", "bfloat16", 64, 256) == "xla"
+    assert resolve_attention("auto", "cpu", "float32", 64, 1024) == "blockwise"  # faster from 1024 tokens on a CPU
+    assert resolve_attention("auto", "gpu", "bfloat16", 64, 1024) == "cudnn"
+    assert resolve_attention("auto", "tpu", "float32", 64, 256) == "splash"
+    assert resolve_attention("auto", "gpu", "bfloat16", 128, 256) == "cudnn"
+    assert resolve_attention("auto", "gpu", "float32", 64, 256) == "xla"  # cuDNN's flash attention is half precision
+    assert resolve_attention("auto", "gpu", "bfloat16", 60, 256) == "xla"  # and needs a head width multiple of 8
+    assert resolve_attention("blockwise", "cpu", "float32", 64, 256) == "blockwise"
+    assert resolve_attention("cudnn", "gpu", "float16", 64, 256) == "cudnn"
+    assert resolve_attention("splash", "tpu", "bfloat16", 64, 256) == "splash"
     with pytest.raises(ConfigError, match="model.attention=cudnn needs model.dtype bfloat16 or float16"):
-        resolve_attention("cudnn", "gpu", "float32", 64)
+        resolve_attention("cudnn", "gpu", "float32", 64, 256)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusals on a CPU")

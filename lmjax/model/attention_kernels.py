@@ -27,14 +27,20 @@ BLOCK = 128
 # Splash attention's tiles must be multiples of 128 tokens; sequences are padded up to a multiple of this.
 SPLASH_MULTIPLE = 128
 HALF_DTYPES = ("bfloat16", "float16")
+# On a CPU, `auto` runs blockwise attention from this many tokens on: measured on the gpt2 d512 train step in
+# float32 (docs/benchmarks.md), it was 1.34x XLA's at 1024 tokens, even at 512 and 3% slower at 256.
+CPU_BLOCKWISE_FROM = 1024
 
 
-def resolve_attention(name: str, backend: str, dtype: str, head_dim: int) -> str:
-    """The implementation `model.attention=name` runs on `backend` ("cpu", "gpu", "tpu") with compute `dtype`:
-    `auto` resolved, and a ConfigError for an explicit choice the backend or dtype cannot run."""
+def resolve_attention(name: str, backend: str, dtype: str, head_dim: int, length: int) -> str:
+    """The implementation `model.attention=name` runs on `backend` ("cpu", "gpu", "tpu") with compute `dtype`
+    over sequences of `length` tokens: `auto` resolved, and a ConfigError for an explicit choice the backend or
+    dtype cannot run."""
     if name == "auto":
         if backend == "tpu":
             return "splash"
+        if backend == "cpu":
+            return "blockwise" if length >= CPU_BLOCKWISE_FROM else "xla"
         cudnn_fits = dtype in HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 128
         return "cudnn" if backend == "gpu" and cudnn_fits else "xla"
     if name == "cudnn" and dtype not in HALF_DTYPES:
@@ -52,7 +58,7 @@ def resolve_attention(name: str, backend: str, dtype: str, head_dim: int) -> str
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, implementation: str) -> jax.Array:
     """Causal attention within packed segments by `implementation` (a `model.attention` value, resolved for
     the default backend) -> [B, T, H, D] in q's dtype."""
-    name = resolve_attention(implementation, jax.default_backend(), q.dtype.name, q.shape[-1])
+    name = resolve_attention(implementation, jax.default_backend(), q.dtype.name, q.shape[-1], q.shape[1])
     if name == "splash":
         return _sharded_splash(q, k, v, segment_ids)
     return {"xla": xla_attention, "cudnn": cudnn_attention, "blockwise": blockwise_attention}[name](

@@ -147,8 +147,8 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
         log(f"model.dtype=auto: computing in {cfg.model.dtype} on {backend}")
     if cfg.model.attention == "auto":
         head_dim = ModelConfig.from_config(cfg.model).head_dim
-        log(f"model.attention=auto: {resolve_attention('auto', backend, cfg.model.dtype, head_dim)} attention on "
-            f"{backend}")
+        chosen = resolve_attention("auto", backend, cfg.model.dtype, head_dim, cfg.model.seq_len)
+        log(f"model.attention=auto: {chosen} attention on {backend}")
     if cfg.init_model and not cfg.init_from:
         raise ConfigError("init_model takes the model from init_from: set --config.init_from=RUN (the imported or "
                           "pretrained run to fine-tune)")

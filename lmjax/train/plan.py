@@ -160,7 +160,8 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backe
     cfg = _with_vocab(cfg)
     m, t = ModelConfig.from_config(cfg.model), cfg.train
     backend = backend or jax.default_backend()
-    attention = resolve_attention("auto", backend, m.dtype, m.head_dim) if m.attention == "auto" else m.attention
+    attention = (resolve_attention("auto", backend, m.dtype, m.head_dim, m.seq_len) if m.attention == "auto"
+                 else m.attention)
     sizes = mesh_shape(cfg.mesh, num_devices)
     rules = dict(cfg.mesh.rules)
     _, params, axes = abstract_model(m)
