@@ -41,9 +41,9 @@ def _side_logprobs(logits: jax.Array, rows: Batch) -> tuple[jax.Array, jax.Array
     return logprobs[:, 0], logprobs[:, 1]
 
 
-def _pair_logprobs(params: Params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(chosen, rejected) sequence log-probs of `params`."""
-    return tuple(sequence_logprobs(params, graphdef, _stack_sides(batch)).reshape(-1, 2).T)
+def _pair_logprobs(params: Params, graphdef: nnx.GraphDef, rows: Batch) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) sequence log-probs of `params` on the stacked rows of a batch of pairs."""
+    return tuple(sequence_logprobs(params, graphdef, rows).reshape(-1, 2).T)
 
 
 def _chosen_tokens(rows: Batch) -> jax.Array:
@@ -80,9 +80,10 @@ def _sums_from(chosen: jax.Array, rejected: jax.Array, ref: tuple[jax.Array, jax
 def _pair_sums(params: Params, ref_params: Params, batch: Batch, graphdef: nnx.GraphDef,
                beta: float, nll: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss sum, {pairs, accuracy, margin} sums) over the real (non-padding) pairs of a batch."""
-    ref = jax.lax.stop_gradient(_pair_logprobs(ref_params, graphdef, batch))
-    return _sums_from(*_pair_logprobs(params, graphdef, batch), ref, _pair_weights(batch), beta, nll,
-                      _chosen_tokens(_stack_sides(batch)))
+    rows = _stack_sides(batch)
+    ref = jax.lax.stop_gradient(_pair_logprobs(ref_params, graphdef, rows))
+    return _sums_from(*_pair_logprobs(params, graphdef, rows), ref, _pair_weights(batch), beta, nll,
+                      _chosen_tokens(rows))
 
 
 def dpo_step(state: State, ref_params: Params, batch: Batch, *, graphdef: nnx.GraphDef,

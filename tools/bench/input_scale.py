@@ -118,12 +118,9 @@ def tokenize_real_text(tmp: Path, env: dict, megabytes: float, workers: int) -> 
     tokenizer = tmp / "tokenizer-stdlib"
     train_tokenizer(stdlib_documents(), 4096, tokenizer)
     text = tmp / "real-text.jsonl"
-    chars = 0
-    docs = []
-    for doc in real_documents(megabytes):
-        chars += len(doc)
-        docs.append({"text": doc})
-    write_jsonl(docs, text)
+    docs = list(real_documents(megabytes))
+    chars = sum(map(len, docs))
+    write_jsonl(({"text": d} for d in docs), text)
     out = tmp / "shards-real-text"
     run = run_timed(lmjax("data", "tokenize", "--source", f"jsonl:{text}", "--tokenizer", str(tokenizer), "--out",
                           str(out), "--seq-len", "256", "--workers", str(workers)), env, "tokenized")
