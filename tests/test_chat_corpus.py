@@ -1,8 +1,10 @@
 """The embedded chat dataset: valid, short, varied, deterministic, and split by module."""
 
 import random
+import re
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 
@@ -14,7 +16,9 @@ from lmjax.corpus.stdlib_chat import (
     identity_conversations,
     is_heldout,
     keyword_conversations,
+    made_up_word,
     module_conversations,
+    renamed,
     safety_conversations,
     write_chat_dataset,
 )
@@ -53,6 +57,51 @@ def test_heldout_modules_never_appear_in_train(small):
         qualified = {w.strip("`.:") for w in heldout_text.split() if w.strip("`").startswith(module + ".")}
         assert not any(q in train_text for q in qualified if q.count(".") > module.count("."))
         assert f"the `{module}` module" not in train_text
+
+
+def test_renamed_copies_make_up_the_names_consistently():
+    rng = random.Random(0)
+    assert [made_up_word(w, random.Random(1)) for w in ("get_count", "TaskGroup", "HTTP_OK")] != [
+        "get_count", "TaskGroup", "HTTP_OK"]
+    for word in ("get_count", "TaskGroup", "HTTP_OK", "dumps", "x2"):
+        made_up = made_up_word(word, rng)
+        assert made_up.isidentifier() and made_up != word and made_up.count("_") == word.count("_")
+        assert made_up[0].isupper() == word[0].isupper() and abs(len(made_up) - len(word)) <= 1
+
+    def pair(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    conversation = pair("How do I call json.dumps?", "`json.dumps(obj, *, skipkeys=False)`") + pair(
+        "Where can I import dumps from?", "`dumps` is in the `json` module: `from json import dumps`.") + pair(
+        "What is the json module for?", "The `json` module: JSON (JavaScript Object Notation) for json data.")
+    out = renamed(conversation, "json", random.Random(0))
+    module, name = out[0]["content"][len("How do I call "):-1].split(".")
+    assert {module, name}.isdisjoint({"json", "dumps"}) and module != name
+    assert out[1]["content"] == f"`{module}.{name}(obj, *, skipkeys=False)`"
+    assert out[2]["content"] == f"Where can I import {name} from?"
+    assert out[3]["content"] == f"`{name}` is in the `{module}` module: `from {module} import {name}`."
+    assert out[4]["content"] == f"What is the {module} module for?"  # bare names in the user's turns too
+    assert out[5]["content"] == f"The `{module}` module: JSON (JavaScript Object Notation) for json data."
+    assert renamed(conversation, "json", random.Random(0)) == out
+    assert renamed(pair("What is a list?", "A sequence."), "json", rng) == pair("What is a list?", "A sequence.")
+    assert renamed(pair("What is os.path?", "`os.path`: Path operations."), "os.path", rng)[1]["content"].endswith(
+        ": Path operations.")
+
+
+def test_training_module_conversations_come_again_renamed(small):
+    def about(conversation):  # the module an object conversation's first answer names (`mod.obj...`)
+        found = re.match(r"`([A-Za-z_]\w*)\.\w", conversation[-1]["content"] if len(conversation) < 4 else "")
+        return found and found.group(1)
+
+    def skeleton(conversation):  # the conversation with its names and the user's words left out
+        return tuple(re.sub(r"`[^`]*`", "``", m["content"]) for m in conversation if m["role"] == "assistant")
+
+    real = [c for c in small["train"] if about(c) in MODULES]
+    made_up = [c for c in small["train"] if about(c) and about(c) not in sys.stdlib_module_names]
+    assert len(real) > 20 and Counter(map(skeleton, made_up)) == Counter(map(skeleton, real))
+    for conversation in made_up:
+        asked = conversation[-1]["content"].split("`")[1].split("(")[0]
+        assert asked in conversation[-2]["content"] or asked.rsplit(".", 1)[-1] in conversation[-2]["content"]
 
 
 def test_deterministic_with_seed():

@@ -10,6 +10,9 @@ harmful requests by category with refusals that say why, and benign look-alikes 
 
 The held-out split is chosen per module by a hash of its name, so evaluation asks about modules never
 seen in fine-tuning; safety requests are held out by request within each category (see `safety_chat`).
+Each training conversation about a module also comes again with the module's names made up
+(`json.dumps` -> `vokale.tirumo`): a small model otherwise answers with the memorised name closest to the
+asked one instead of copying the asked one (docs/benchmarks.md, "Chat (quickstart)").
 Point `build_chat_dataset` at your own packages to make a dataset about them.
 """
 
@@ -46,7 +49,7 @@ from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
 from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 4  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 5  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
@@ -250,6 +253,51 @@ def module_conversations(module_name: str, rng: random.Random) -> list[Conversat
     return [c for c in out if _short(c)]
 
 
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+_CODE = re.compile(r"`[^`]*`|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
+def made_up_word(like: str, rng: random.Random) -> str:
+    """A pronounceable made-up identifier shaped like `like`: about as long, the same underscores, digits
+    and capitals (`TaskGroup` -> `RivoMesa`, `get_count` -> `dal_tupeka`)."""
+    def syllables(n: int) -> str:
+        word = ""
+        while len(word) < n:
+            word += rng.choice(_CONSONANTS) + rng.choice(_VOWELS)
+        return word[:max(n, 2)]
+
+    parts = []
+    for part in like.split("_"):
+        if not part or part.isdigit():
+            parts.append(part)
+        elif part.isupper():
+            parts.append(syllables(len(part)).upper())
+        else:
+            chunks = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", part) or [part]
+            parts.append("".join(syllables(len(c)).capitalize() if c[0].isupper() else syllables(len(c))
+                                 for c in chunks))
+    return "_".join(parts)
+
+
+def renamed(conversation: Conversation, module: str, rng: random.Random) -> Conversation:
+    """`conversation` about `module` with the module's names made up, consistently: in dotted names and
+    `code` spans everywhere, and as bare words in the user's turns ("What is the json module for?"); the
+    assistant's prose keeps its words ("JSON (JavaScript Object Notation) ..."). A module named like an
+    English word is renamed in the user's prose too ("I saw code.X in some code"): a rare, harmless slip."""
+    names = {q for q in _dotted_names(conversation) if q == module or q.startswith(module + ".")}
+    segments = sorted({s for q in names | {module} for s in q.split(".")}, key=lambda s: (-len(s), s))
+    mapping = {s: made_up_word(s, rng) for s in segments}
+    word = re.compile(r"\b(?:" + "|".join(map(re.escape, segments)) + r")\b")
+
+    def rename(text: str) -> str:
+        return word.sub(lambda w: mapping[w.group()], text)
+
+    return [m if m["role"] == "system" else
+            {**m, "content": rename(m["content"]) if m["role"] == "user" else
+             _CODE.sub(lambda code: rename(code.group()), m["content"])}
+            for m in conversation]
+
+
 def _topic_prose(text: str) -> tuple[str, str] | None:
     """(title, one or two cleaned sentences) of a `pydoc_data` help topic."""
     title, _, body = text.strip().partition("\n")
@@ -313,10 +361,12 @@ def _first_user(conversation: Conversation) -> str:
 
 def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1, seed: int = 0,
                           max_per_module: int = 40) -> dict[str, list[Conversation]]:
-    """Generate {"train", "heldout"} for `modules` (packages expanded to their submodules), uncached."""
+    """Generate {"train", "heldout"} for `modules` (packages expanded to their submodules), uncached. Every
+    training conversation about a module comes twice: as is, and `renamed`."""
     rng = random.Random(seed)
     split: dict[str, list[Conversation]] = {"train": [], "heldout": []}
     heldout_names: set[str] = set()
+    train_modules = []
     for name in expand_packages(modules):
         conversations = module_conversations(name, random.Random(f"{seed}:{name}"))
         conversations = random.Random(f"{seed}:{name}:pick").sample(
@@ -325,8 +375,11 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
             split["heldout"] += conversations
             heldout_names |= {q for c in conversations for q in _dotted_names(c) if q.startswith(name + ".")}
         else:
-            split["train"] += conversations
-    split["train"] = [c for c in split["train"] if not _dotted_names(c) & heldout_names]
+            train_modules.append((name, conversations))
+    for name, conversations in train_modules:
+        kept = [c for c in conversations if not _dotted_names(c) & heldout_names]
+        made_up = random.Random(f"{seed}:{name}:renamed")
+        split["train"] += kept + [renamed(c, name, made_up) for c in kept]
     split["train"] += keyword_conversations(rng)
     for conversation in identity_conversations(rng):
         heldout = hash_unit("phrasing:" + _first_user(conversation)) < heldout_fraction
