@@ -117,6 +117,10 @@ def test_raw_specs_are_tokenized_once_into_the_cache(text_spec, docs, tokenizer,
         f.write("\n\nA new paragraph of text.")
     changed = open_chunks(text_spec, tokenizer, SEQ_LEN, log=lambda _: None)
     assert len(writes) == 3 and changed.directory != first.directory and len(changed) == len(first) + 1
+    before = {spec: tokens_module.cache_key(spec, tokenizer, SEQ_LEN) for spec in ("stdlib", "chat:stdlib")}
+    monkeypatch.setattr("lmjax.corpus.stdlib_chat.CHAT_CORPUS_VERSION", -1)  # lmjax builds its chat data anew
+    monkeypatch.setattr("lmjax.corpus.stdlib_docs.CORPUS_VERSION", -1)
+    assert all(tokens_module.cache_key(spec, tokenizer, SEQ_LEN) != key for spec, key in before.items())
 
 
 def test_same_batches_from_raw_spec_token_dir_and_memory(text_spec, tokenizer, tmp_path, monkeypatch):

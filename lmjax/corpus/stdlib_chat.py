@@ -376,10 +376,12 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
             heldout_names |= {q for c in conversations for q in _dotted_names(c) if q.startswith(name + ".")}
         else:
             train_modules.append((name, conversations))
+    renamed_copies = []
     for name, conversations in train_modules:
         kept = [c for c in conversations if not _dotted_names(c) & heldout_names]
         made_up = random.Random(f"{seed}:{name}:renamed")
-        split["train"] += kept + [renamed(c, name, made_up) for c in kept]
+        split["train"] += kept
+        renamed_copies += [renamed(c, name, made_up) for c in kept]
     split["train"] += keyword_conversations(rng)
     for conversation in identity_conversations(rng):
         heldout = hash_unit("phrasing:" + _first_user(conversation)) < heldout_fraction
@@ -388,6 +390,8 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
         split[name] += conversations
     for conversations in split.values():
         rng.shuffle(conversations)
+    split["train"] += renamed_copies  # shuffled in after the held-out split, which stays as it was without them
+    random.Random(f"{seed}:renamed").shuffle(split["train"])
     return split
 
 

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from lmjax.config import DataError
+from lmjax.corpus import stdlib_chat, stdlib_docs
 from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.input.chunks import tokenize_conversations, tokenize_documents
 from lmjax.input.pairs import LOSS, pair_chunks
@@ -267,9 +269,12 @@ def _source_signature(spec: str) -> list:
 
 def cache_key(spec: str, tokenizer: Any, seq_len: int, variant: str = "") -> str:
     """The cache entry name of a raw spec tokenized with `tokenizer` for `seq_len`; `variant` names a
-    transformation of the spec's items ("cda"; "train" or "heldout" for the two sides of a pair split)."""
+    transformation of the spec's items ("cda"; "train" or "heldout" for the two sides of a pair split). The
+    embedded datasets' versions and the Python they are built from are part of it, so `stdlib` and
+    `chat:stdlib` entries go stale when lmjax changes how it builds them."""
+    embedded = [stdlib_docs.CORPUS_VERSION, stdlib_chat.CHAT_CORPUS_VERSION, sys.version]
     key = {"format": FORMAT, "spec": spec, "variant": variant, "tokenizer": tokenizer.fingerprint, "seq_len": seq_len,
-           "chunking": CHUNKING, "files": _source_signature(spec)}
+           "chunking": CHUNKING, "files": _source_signature(spec), "embedded": embedded}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
