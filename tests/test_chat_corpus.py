@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from lmjax.corpus.renaming import made_up_word, renamed
 from lmjax.corpus.safety_phrasings import CATEGORIES
 from lmjax.corpus.stdlib_chat import (
     MAX_CONVERSATION_CHARS,
@@ -16,9 +17,7 @@ from lmjax.corpus.stdlib_chat import (
     identity_conversations,
     is_heldout,
     keyword_conversations,
-    made_up_word,
     module_conversations,
-    renamed,
     safety_conversations,
     write_chat_dataset,
 )

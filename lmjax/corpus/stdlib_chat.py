@@ -10,9 +10,7 @@ harmful requests by category with refusals that say why, and benign look-alikes 
 
 The held-out split is chosen per module by a hash of its name, so evaluation asks about modules never
 seen in fine-tuning; safety requests are held out by request within each category (see `safety_chat`).
-Each training conversation about a module also comes again with the module's names made up
-(`json.dumps` -> `vokale.tirumo`): a small model otherwise answers with the memorised name closest to the
-asked one instead of copying the asked one (docs/benchmarks.md, "Chat (quickstart)").
+Each training conversation about a module also comes again with its names made up (`lmjax.corpus.renaming`).
 Point `build_chat_dataset` at your own packages to make a dataset about them.
 """
 
@@ -44,6 +42,7 @@ from lmjax.corpus.chat_phrasings import (
     WHAT_DOES,
     WHICH_MODULE,
 )
+from lmjax.corpus.renaming import dotted_names, renamed
 from lmjax.corpus.safety_chat import safety_pairs
 from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
@@ -253,51 +252,6 @@ def module_conversations(module_name: str, rng: random.Random) -> list[Conversat
     return [c for c in out if _short(c)]
 
 
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
-_CODE = re.compile(r"`[^`]*`|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
-
-
-def made_up_word(like: str, rng: random.Random) -> str:
-    """A pronounceable made-up identifier shaped like `like`: about as long, the same underscores, digits
-    and capitals (`TaskGroup` -> `RivoMesa`, `get_count` -> `dal_tupeka`)."""
-    def syllables(n: int) -> str:
-        word = ""
-        while len(word) < n:
-            word += rng.choice(_CONSONANTS) + rng.choice(_VOWELS)
-        return word[:max(n, 2)]
-
-    parts = []
-    for part in like.split("_"):
-        if not part or part.isdigit():
-            parts.append(part)
-        elif part.isupper():
-            parts.append(syllables(len(part)).upper())
-        else:
-            chunks = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", part) or [part]
-            parts.append("".join(syllables(len(c)).capitalize() if c[0].isupper() else syllables(len(c))
-                                 for c in chunks))
-    return "_".join(parts)
-
-
-def renamed(conversation: Conversation, module: str, rng: random.Random) -> Conversation:
-    """`conversation` about `module` with the module's names made up, consistently: in dotted names and
-    `code` spans everywhere, and as bare words in the user's turns ("What is the json module for?"); the
-    assistant's prose keeps its words ("JSON (JavaScript Object Notation) ..."). A module named like an
-    English word is renamed in the user's prose too ("I saw code.X in some code"): a rare, harmless slip."""
-    names = {q for q in _dotted_names(conversation) if q == module or q.startswith(module + ".")}
-    segments = sorted({s for q in names | {module} for s in q.split(".")}, key=lambda s: (-len(s), s))
-    mapping = {s: made_up_word(s, rng) for s in segments}
-    word = re.compile(r"\b(?:" + "|".join(map(re.escape, segments)) + r")\b")
-
-    def rename(text: str) -> str:
-        return word.sub(lambda w: mapping[w.group()], text)
-
-    return [m if m["role"] == "system" else
-            {**m, "content": rename(m["content"]) if m["role"] == "user" else
-             _CODE.sub(lambda code: rename(code.group()), m["content"])}
-            for m in conversation]
-
-
 def _topic_prose(text: str) -> tuple[str, str] | None:
     """(title, one or two cleaned sentences) of a `pydoc_data` help topic."""
     title, _, body = text.strip().partition("\n")
@@ -350,11 +304,6 @@ def safety_conversations(rng: random.Random) -> dict[str, list[Conversation]]:
     return {split: [_conversation([pair], rng) for pair in pairs] for split, pairs in safety_pairs(rng).items()}
 
 
-def _dotted_names(conversation: Conversation) -> set[str]:
-    text = " ".join(m["content"] for m in conversation if m["role"] != "system")
-    return set(re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", text))
-
-
 def _first_user(conversation: Conversation) -> str:
     return next(m["content"] for m in conversation if m["role"] == "user")
 
@@ -373,12 +322,12 @@ def generate_chat_dataset(modules: Sequence[str], heldout_fraction: float = 0.1,
             conversations, min(max_per_module, len(conversations)))
         if is_heldout(name, heldout_fraction):
             split["heldout"] += conversations
-            heldout_names |= {q for c in conversations for q in _dotted_names(c) if q.startswith(name + ".")}
+            heldout_names |= {q for c in conversations for q in dotted_names(c) if q.startswith(name + ".")}
         else:
             train_modules.append((name, conversations))
     renamed_copies = []
     for name, conversations in train_modules:
-        kept = [c for c in conversations if not _dotted_names(c) & heldout_names]
+        kept = [c for c in conversations if not dotted_names(c) & heldout_names]
         made_up = random.Random(f"{seed}:{name}:renamed")
         split["train"] += kept
         renamed_copies += [renamed(c, name, made_up) for c in kept]
