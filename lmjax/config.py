@@ -92,6 +92,7 @@ def base_config() -> ConfigDict:
     t.cooldown_fraction = 0.2  # wsd: share of train.steps spent decaying linearly to lr * min_lr_ratio at the end
     t.optimizer = "adamw"  # "adamw", or "muon" (optax's Muon on hidden matrices, AdamW on embeddings, head, norms)
     t.muon_momentum = 0.95  # muon: momentum of the orthogonalised update (Nesterov)
+    t.muon_ns_steps = 5  # muon: Newton-Schulz iterations per update (fewer: cheaper, less orthogonal)
     t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms and biases)
     t.b1 = 0.9  # AdamW beta1
     t.b2 = 0.95  # AdamW beta2
@@ -103,7 +104,7 @@ def base_config() -> ConfigDict:
     t.ckpt_every = 200  # steps between checkpoints (one is always written at the end and on SIGTERM)
     t.keep_ckpts = 3  # checkpoints kept on disk
     t.seed = 0  # seeds parameters, dropout and data order
-    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = spec sheet bf16 peak on known GPUs/TPUs, else measured matmul
+    t.peak_tflops = 0.0  # per-device peak for MFU; 0 = spec sheet bf16 peak of known GPUs/TPUs, else measured once
     t.compile_cache = True  # reuse compiled programs across runs (in $LMJAX_CACHE_DIR/jax-compile); False = off
     t.objective = "lm"  # "lm" (next-token prediction) or "dpo" (preference pairs against the init_from model)
     t.dpo_beta = 0.1  # DPO: strength of the pull towards the reference (init_from) model
@@ -315,6 +316,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(0.0 <= t.cooldown_fraction <= 1.0, f"train.cooldown_fraction must be in [0, 1], got {t.cooldown_fraction}")
     _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     _check(0.0 <= t.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    _check(t.muon_ns_steps >= 1, f"train.muon_ns_steps must be at least 1, got {t.muon_ns_steps}")
     _check(t.objective in ("lm", "dpo"), f"train.objective must be lm|dpo, got {t.objective!r}")
     _check(t.dpo_beta > 0, f"train.dpo_beta must be positive, got {t.dpo_beta}")
     _check(t.dpo_nll >= 0, f"train.dpo_nll must be >= 0, got {t.dpo_nll}")

@@ -1,6 +1,7 @@
 """The trainer's edges: float16 refused, Ctrl-C twice, throughput that does not count evaluation time,
 the unigram baseline counting the same targets as the model, and the compile cache between runs."""
 
+import json
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lmjax.config import ConfigError
 from lmjax.eval.baselines import unigram_bpb
 from lmjax.run.workdir import Workdir, read_metrics
-from lmjax.train import loop
+from lmjax.train import loop, metrics
 from lmjax.train.metrics import MetricsWriter, StartupClock, mfu_peak, spec_peak_flops
 from lmjax.train.objectives import Objective
 
@@ -32,9 +33,18 @@ def test_the_mfu_peak_of_an_accelerator_is_its_spec_sheet_bf16_peak(device_kind,
     assert spec_peak_flops(device_kind) == tflops * 1e12
 
 
-def test_the_mfu_peak_on_cpu_is_measured():
+def test_the_mfu_peak_on_cpu_is_measured_once_per_machine(tmp_path, monkeypatch):
     peak, source = mfu_peak("float32")
     assert source == "measured, float32" and peak > 1e9
+    cache = tmp_path / "cache" / "matmul-peak.json"
+    measured = []
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: measured.append(dtype) or 1e10 * len(measured))
+    assert mfu_peak("float32", cache) == (1e10, "measured, float32")
+    assert mfu_peak("float32", cache) == (1e10, "measured, float32, earlier on this machine")
+    assert mfu_peak("bfloat16", cache) == (2e10, "measured, bfloat16") and measured == ["float32", "bfloat16"]
+    cache.write_text("{not json")
+    assert mfu_peak("float32", cache) == (3e10, "measured, float32")
+    assert list(json.loads(cache.read_text()).values()) == [3e10]  # rewritten whole
 
 
 def test_float16_training_is_refused_before_anything_happens(tmp_path):

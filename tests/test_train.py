@@ -272,3 +272,20 @@ def test_muon_orthogonalises_the_block_matrices_and_adamw_takes_the_rest():
     assert np.percentile(raw, 10) < 0.3 * raw.max()
     with pytest.raises(ConfigError, match="optimizer=adamw"):
         validate(tiny_config("train.optimizer=muon", "train.lora.rank=4", "init_from=x"))
+
+
+def test_fewer_newton_schulz_steps_orthogonalise_less():
+    cfg = tiny_config("train.optimizer=muon", "train.warmup_steps=0", "train.weight_decay=0", "train.grad_clip=0")
+    params = init_params(_with_vocab(cfg.model), jax.random.PRNGKey(0))
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+
+    def spread(ns_steps: int) -> float:
+        cfg.train.muon_ns_steps = ns_steps
+        tx = make_optimizer(cfg.train)
+        query = np.asarray(tx.update(grads, tx.init(params), params)[0]["blocks"][0]["attn"]["query"])
+        singular = np.linalg.svd(query.reshape(cfg.model.d_model, -1), compute_uv=False)
+        return float(np.percentile(singular, 10) / singular.max())
+
+    assert spread(1) < 0.5 < spread(5)
+    with pytest.raises(ConfigError, match="muon_ns_steps"):
+        validate(tiny_config("train.muon_ns_steps=0"))

@@ -346,7 +346,8 @@ def _train(cfg: ConfigDict, wd: Workdir, startup: StartupClock) -> dict:
 
     n_params = count_params(abstract_params)
     flops_token = flops_per_token(m_cfg, abstract_params)
-    peak, peak_source = (t_cfg.peak_tflops * 1e12, "train.peak_tflops") if t_cfg.peak_tflops else mfu_peak(m_cfg.dtype)
+    peak, peak_source = ((t_cfg.peak_tflops * 1e12, "train.peak_tflops") if t_cfg.peak_tflops
+                         else mfu_peak(m_cfg.dtype, cache_dir() / "matmul-peak.json"))
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source})")
 

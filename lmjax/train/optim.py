@@ -64,16 +64,16 @@ def make_optimizer(train_cfg: ConfigDict) -> optax.GradientTransformation:
     """The optimizer the train step applies: clip (or nothing when grad_clip is 0), then AdamW, or optax's Muon.
     The state has the same structure whatever grad_clip is, so a checkpoint restores either way.
 
-    Muon (Nesterov momentum `muon_momentum`, Newton-Schulz orthogonalisation) updates the blocks' matrices with
-    its updates scaled to AdamW's RMS (`consistent_rms=0.2`), so one `lr` serves both groups and the AdamW
-    settings carry over; it decays them by `weight_decay`. The AdamW group (embeddings, head, norms, biases) takes
-    the same schedule without weight decay: optax's Muon has no mask for that group."""
+    Muon (Nesterov momentum `muon_momentum`, `muon_ns_steps` Newton-Schulz iterations) updates the blocks'
+    matrices with its updates scaled to AdamW's RMS (`consistent_rms=0.2`), so one `lr` serves both groups and
+    the AdamW settings carry over; it decays them by `weight_decay`. The AdamW group (embeddings, head, norms,
+    biases) takes the same schedule without weight decay: optax's Muon has no mask for that group."""
     t = train_cfg
     schedule = lr_schedule(t)
     if t.optimizer == "muon":
-        inner = optax.contrib.muon(schedule, beta=t.muon_momentum, eps=t.eps, weight_decay=t.weight_decay,
-                                   weight_decay_mask=decay_mask, adam_b1=t.b1, adam_b2=t.b2,
-                                   muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
+        inner = optax.contrib.muon(schedule, ns_steps=t.muon_ns_steps, beta=t.muon_momentum, eps=t.eps,
+                                   weight_decay=t.weight_decay, weight_decay_mask=decay_mask, adam_b1=t.b1,
+                                   adam_b2=t.b2, muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
     else:
         inner = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()

@@ -6,19 +6,23 @@ weight decay 0.1, clipping 1.0, no dropout, tied embeddings) on the characters o
 topics (`pydoc_data.topics`, ~0.47 MB, public and shipped with Python): the first 90% trains, the last 10%
 validates. The peer is a GPT written here in PyTorch the nanoGPT way (no biases, exact GELU, random
 64-character windows, float32, 2 threads, a vocabulary of the text's characters); lmjax runs `lmjax train`
-with the config's defaults (its char tokenizer, dtype and data order) plus any --lmjax-override.
+with its config's settings (configs/char_baby.py, or --lmjax-config such as configs/char_speedrun.py: the same
+model and data, trained another way) plus any --lmjax-override.
 
 Validation loss is the mean next-character cross-entropy in nats over the validation text cut into
 consecutive blocks of 64, the same characters for both (each is one token on both sides), scored in float32
-after training from snapshots taken every --eval-every steps (lmjax: its checkpoints), so scoring costs
-neither side time. Wall time runs from launching a side's process to its last training step's progress
-line, start-up, data, tokenizer and compilation included (lmjax's exit, after its final evaluation and
-checkpoint, is reported apart); the sides run one after the other, alone. A snapshot's time is when its
-progress line appeared; lmjax's time to the peer's final loss is that of its first snapshot at or below it.
+after training from snapshots taken every --eval-every steps, so scoring costs neither side time. The peer's
+snapshots are copies in memory; lmjax's are its checkpoints, written in the background while it trains (about a
+second each on 2 cores): --eval-every equal to lmjax's steps keeps them out of its time. Wall time runs from
+launching a side's process to its last training step's progress line, start-up, data, tokenizer and compilation
+included (lmjax's exit, after its final evaluation and checkpoint, is reported apart); the sides run one after
+the other, alone. A snapshot's time is when its progress line appeared; lmjax's time to the peer's final loss is
+that of its first snapshot at or below it.
 
     .venv/bin/python tools/bench/char_baby_gpt.py
     .venv/bin/python tools/bench/char_baby_gpt.py --peer-json runs/char_baby/peer.json \\
         --lmjax-override train.optimizer=muon    # an lmjax ablation against the peer run saved before
+    .venv/bin/python tools/bench/char_baby_gpt.py --lmjax-config configs/char_speedrun.py --eval-every 400
 """
 
 import argparse
@@ -213,15 +217,16 @@ def score_lmjax(workdir: Path, steps: list[int], val_text: str) -> dict[int, flo
 
 
 def run_lmjax(args: argparse.Namespace, data: Path, val_text: str) -> dict:
-    """Runs `lmjax train` on configs/char_baby.py in its own process; its figures."""
+    """Runs `lmjax train` on --lmjax-config (configs/char_baby.py) in its own process; its figures."""
     workdir = args.out / "lmjax"
     shutil.rmtree(workdir, ignore_errors=True)
-    steps = bench_config(args.steps).train.steps
+    steps = args.steps or load_config(args.lmjax_config).train.steps
     overrides = [f"train.steps={steps}", f"data.train=text:{data}/train.txt", f"data.val=text:{data}/val.txt",
                  "train.eval_every=0",
                  f"train.log_every={args.eval_every}", f"train.ckpt_every={args.eval_every}",
                  f"train.keep_ckpts={steps // args.eval_every + 1}", "train.samples=", *args.lmjax_override]
-    cmd = [sys.executable, "-m", "lmjax.cli", "train", "--config", CONFIG, *[f"--config.{o}" for o in overrides],
+    cmd = [sys.executable, "-m", "lmjax.cli", "train", "--config", str(args.lmjax_config),
+           *[f"--config.{o}" for o in overrides],
            "--workdir", str(workdir)]
     load = os.getloadavg()[0]
     times, exit_s = run_timed(cmd)
@@ -236,11 +241,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/char_baby"), help="data, runs and results go here")
     p.add_argument("--eval-every", type=int, default=100, help="steps between snapshots (scored after training)")
+    p.add_argument("--lmjax-config", type=Path, default=Path(CONFIG),
+                   help="lmjax's config (the peer always follows configs/char_baby.py), e.g. configs/char_speedrun.py")
     p.add_argument("--lmjax-override", action="append", default=[], metavar="KEY=VALUE",
                    help="an lmjax config override for this run (repeatable), e.g. model.dtype=float32")
     p.add_argument("--peer-json", type=Path, help="take the peer's figures from this earlier peer.json, not a new run")
     p.add_argument("--seed", type=int, default=0, help="the peer's initialisation and data order")
-    p.add_argument("--steps", type=int, default=0, help="training steps of both sides; 0 = the config's (2000)")
+    p.add_argument("--steps", type=int, default=0, help="training steps of both sides; 0 = each side's config's")
     p.add_argument("--train-peer", type=Path, help=argparse.SUPPRESS)  # the peer's own process
     return p.parse_args()
 
