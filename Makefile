@@ -43,7 +43,7 @@ prometheus:
 # most of the suite's time is compiling tiny programs, so two files at a time use both cores.
 test: $(VENV)/.dev browser prometheus
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest-cache-lmjax
