@@ -13,7 +13,8 @@ from lmjax.text.chat_template import Message
 Conversation = list[Message]
 
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
-_CODE = re.compile(r"`[^`]*`|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+"  # json.dumps, os.path
+_CODE = re.compile(r"`[^`]*`|" + _DOTTED)
 
 
 def made_up_word(like: str, rng: random.Random) -> str:
@@ -60,4 +61,4 @@ def renamed(conversation: Conversation, module: str, rng: random.Random) -> Conv
 def dotted_names(conversation: Conversation) -> set[str]:
     """The dotted names (`json.dumps`, `os.path`) in a conversation's user and assistant turns."""
     text = " ".join(m["content"] for m in conversation if m["role"] != "system")
-    return set(re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", text))
+    return set(re.findall(_DOTTED, text))
