@@ -31,6 +31,6 @@ def get_config():
     c.train.lr = 3e-3
     c.train.warmup_steps = 50
     c.train.eval_every = 100
-    c.train.ckpt_every = 300
+    c.train.ckpt_every = 150  # one checkpoint half-way, as before, and the final one
     c.tokenizer.vocab_size = 4096
     return c
