@@ -47,6 +47,35 @@ def test_the_mfu_peak_on_cpu_is_measured_once_per_machine(tmp_path, monkeypatch)
     assert list(json.loads(cache.read_text()).values()) == [3e10]  # rewritten whole
 
 
+@pytest.mark.parametrize("bf16, f32, expected", [(340e9, 190e9, "bfloat16"), (199e9, 353e9, "float32"),
+                                                (240e9, 190e9, "float32"), (1384e9, 298e9, "bfloat16")])
+def test_auto_trains_in_bfloat16_on_a_cpu_only_where_its_matmuls_are_clearly_faster(bf16, f32, expected,
+                                                                                     tmp_path, monkeypatch):
+    # the measured pairs of docs/benchmarks.md: AMD EPYC, Intel Xeon without AMX, a made-up near tie, AMX
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: {"bfloat16": bf16, "float32": f32}[dtype])
+    dtype, why = metrics.training_dtype("cpu", tmp_path / "matmul-peak.json")
+    assert dtype == expected and f"{bf16 / f32:.2f}x float32's" in why
+    assert metrics.training_dtype("gpu", tmp_path / "matmul-peak.json")[0] == "bfloat16"
+
+
+def test_with_several_processes_auto_follows_process_0s_measurement(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: {"bfloat16": 2e11, "float32": 1e11}[dtype])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(metrics.multihost_utils, "broadcast_one_to_all", lambda x: np.float32(1.1))
+    assert metrics.training_dtype("cpu", tmp_path / "matmul-peak.json")[0] == "float32"
+
+
+def test_a_resumed_run_keeps_the_dtype_auto_chose_at_its_start(tmp_path, monkeypatch):
+    wd = Workdir(tmp_path / "run")
+    started = tiny_config("model.dtype=float32")
+    started.model.vocab_size = 512
+    wd.save_config(started)
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: {"bfloat16": 4e11, "float32": 1e11}[dtype])
+    assert loop.resume_config(tiny_config("model.dtype=auto"), wd).model.dtype == "float32"
+    with pytest.raises(ConfigError, match="model.dtype 'float32' -> 'bfloat16'"):
+        loop.resume_config(tiny_config("model.dtype=bfloat16"), wd)
+
+
 def test_float16_training_is_refused_before_anything_happens(tmp_path):
     with pytest.raises(ConfigError, match="float16 cannot train.*bfloat16 or float32"):
         loop.train(tiny_config("model.dtype=float16"), tmp_path / "run")

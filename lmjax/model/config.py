@@ -36,9 +36,9 @@ def cpu_has_bf16_matrix_unit() -> bool:
 
 
 def compute_dtype(setting: str, backend: str) -> str:
-    """`model.dtype` with "auto" resolved: bfloat16 on GPUs and TPUs; on a CPU, bfloat16 only with a bfloat16
-    matrix unit, else float32, which trains and decodes faster there end to end (XLA widens bfloat16 matmul
-    inputs and the elementwise work costs more; docs/benchmarks.md, "Compute dtype")."""
+    """`model.dtype` with "auto" resolved without measuring anything: bfloat16 on GPUs and TPUs; on a CPU,
+    bfloat16 only with a bfloat16 matrix unit, else float32. Training resolves "auto" by measured matmul peaks
+    instead (`lmjax.train.metrics.training_dtype`) and records the result in the run's config."""
     if setting != "auto":
         return setting
     if backend != "cpu":

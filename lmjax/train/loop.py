@@ -25,7 +25,7 @@ from lmjax.infer.sampler import Sampler
 from lmjax.input import specs
 from lmjax.input.loaders import loader_count
 from lmjax.model.attention_kernels import resolve_attention
-from lmjax.model.config import ModelConfig, compute_dtype
+from lmjax.model.config import ModelConfig
 from lmjax.model.lora import LoraSpec, adapter_axes, attach
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel import distributed
@@ -44,6 +44,7 @@ from lmjax.train.metrics import (
     log,
     mfu_peak,
     plot_losses,
+    training_dtype,
 )
 from lmjax.train.objectives import (
     BatchShardings,
@@ -65,7 +66,7 @@ RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_e
              "train.samples", "train.peak_tflops", "train.compile_cache", "tokenizer.path", "mesh.*")
 # Knobs whose default means "decided at the first start" (then recorded): a resume that leaves them at the
 # default keeps the recorded value.
-DECIDED_AT_START = {"model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1}
+DECIDED_AT_START = {"model.dtype": "auto", "model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1}
 
 
 def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
@@ -141,14 +142,6 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
         raise ConfigError("model.dtype=float16 cannot train: lmjax has no loss scaling, so small gradients vanish "
                           "in float16; train in bfloat16 or float32 (float16 is fine for inference)")
     distributed.initialize(cfg)  # before anything asks for the backend, which would start JAX single-process
-    backend = jax.default_backend()
-    if cfg.model.dtype == "auto":
-        cfg.model.dtype = compute_dtype("auto", backend)
-        log(f"model.dtype=auto: computing in {cfg.model.dtype} on {backend}")
-    if cfg.model.attention == "auto":
-        head_dim = ModelConfig.from_config(cfg.model).head_dim
-        chosen = resolve_attention("auto", backend, cfg.model.dtype, head_dim, cfg.model.seq_len)
-        log(f"model.attention=auto: {chosen} attention on {backend}")
     if cfg.init_model and not cfg.init_from:
         raise ConfigError("init_model takes the model from init_from: set --config.init_from=RUN (the imported or "
                           "pretrained run to fine-tune)")
@@ -157,7 +150,15 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
                           "reference")
     if cfg.train.lora.rank > 0 and not cfg.init_from:
         raise ConfigError("train.lora needs init_from: the run whose weights the adapters fine-tune")
-    cfg = resume_config(cfg, wd)
+    cfg = resume_config(cfg, wd)  # a resumed run keeps the dtype it started in
+    backend = jax.default_backend()
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype, why = training_dtype(backend, cache_dir() / "matmul-peak.json")
+        log(f"model.dtype=auto: training in {cfg.model.dtype} ({why})")
+    if cfg.model.attention == "auto":
+        head_dim = ModelConfig.from_config(cfg.model).head_dim
+        chosen = resolve_attention("auto", backend, cfg.model.dtype, head_dim, cfg.model.seq_len)
+        log(f"model.attention=auto: {chosen} attention on {backend}")
     for line in check_sharding(cfg, mesh_shape(cfg.mesh, jax.device_count())):
         log(line)
     t_cfg = cfg.train

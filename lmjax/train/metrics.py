@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lmjax.text.io import atomic_write
 
@@ -76,6 +77,29 @@ def mfu_peak(dtype: str, cache: Path | None = None) -> tuple[float, str]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, json.dumps(known, indent=1))
     return known[key], f"measured, {dtype}"
+
+
+# How much faster bfloat16 square matmuls must run than float32 ones before a CPU trains in bfloat16: the
+# elementwise work around each matmul costs more in bfloat16 (XLA:CPU widens it), which eats part of the gain.
+# Measured end to end: a 1.75x matmul ratio gave 1.33x tokens/s at d512 and ~1.2x on `tiny` (AMD EPYC, no
+# AMX); a 0.56x ratio gave float32 1.32x (Intel Xeon, no AMX) (docs/benchmarks.md, section 1).
+BF16_MATMUL_ADVANTAGE = 1.3
+
+
+def training_dtype(backend: str, cache: Path | None = None) -> tuple[str, str]:
+    """`model.dtype=auto` for training, with the reason: bfloat16 on accelerators; on a CPU, bfloat16 when its
+    measured bfloat16 matmul peak is at least `BF16_MATMUL_ADVANTAGE` times its float32 one, else float32. The
+    peaks are `mfu_peak`'s (measured once per machine with `cache`); with several processes, process 0's
+    choice holds for all, so that a noisy measurement cannot split the run between dtypes."""
+    if backend != "cpu":
+        return "bfloat16", f"on {backend}"
+    bf16, f32 = mfu_peak("bfloat16", cache)[0], mfu_peak("float32", cache)[0]
+    ratio = bf16 / f32
+    if jax.process_count() > 1:
+        ratio = float(multihost_utils.broadcast_one_to_all(np.float32(ratio)))
+    dtype = "bfloat16" if ratio >= BF16_MATMUL_ADVANTAGE else "float32"
+    return dtype, (f"bfloat16 matmuls measured at {ratio:.2f}x float32's on this CPU; bfloat16 needs "
+                   f"{BF16_MATMUL_ADVANTAGE:g}x")
 
 
 def _cpu_model() -> str:
