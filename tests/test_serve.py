@@ -233,5 +233,7 @@ def test_a_bfloat16_run_decodes_in_float32_on_cpu(trained_run, tmp_path, capsys)
     cfg = restore_model(open_workdir(run)).cfg
     assert cfg.model.dtype == "float32"
     assert "in float32 on cpu (it trained in bfloat16)" in capsys.readouterr().err
+    restore_model(open_workdir(run))
+    assert "it trained in" not in capsys.readouterr().err  # said once per process, not at every restore
     assert json.loads((run / "config.json").read_text())["model"]["dtype"] == "bfloat16"  # the run is untouched
     assert decode_dtype("bfloat16", "gpu") == "bfloat16" and decode_dtype("bfloat16", "tpu") == "bfloat16"

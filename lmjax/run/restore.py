@@ -1,5 +1,6 @@
 """Loading a trained model out of a run directory: for sampling, serving, evaluation and fine-tuning."""
 
+import functools
 import sys
 from typing import NamedTuple
 
@@ -48,6 +49,12 @@ def quant_matmul(setting: str, backend: str) -> str:
     return "int8" if backend == "cpu" else "dequant"
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    """Prints `message` on stderr the first time this process says it (a report restores a run many times)."""
+    print(message, file=sys.stderr)
+
+
 def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False) -> Restored:
     """A trained run's model, params from checkpoint `step` (default latest), on the default device, computing
     in `decode_dtype` (said on stderr when that is not the run's dtype); a compressed run's quantized weights
@@ -60,8 +67,7 @@ def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False
     saved_scanned, cfg.model.scan_layers = cfg.model.scan_layers, False
     dtype = decode_dtype(cfg.model.dtype, jax.default_backend())
     if dtype != cfg.model.dtype:
-        print(f"running {wd.path.name} in {dtype} on {jax.default_backend()} (it trained in {cfg.model.dtype})",
-              file=sys.stderr)
+        _say_once(f"running {wd.path.name} in {dtype} on {jax.default_backend()} (it trained in {cfg.model.dtype})")
         cfg.model.dtype = dtype
     tokenizer = load_tokenizer(wd.tokenizer_dir)
     graphdef, abstract_params, _ = abstract_model(cfg.model)
