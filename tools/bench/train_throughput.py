@@ -8,6 +8,7 @@ measured in this run in the same dtype.
 
     .venv/bin/python tools/bench/train_throughput.py                      # llama d256 + gpt2 d512
     .venv/bin/python tools/bench/train_throughput.py --family gpt2 --d-model 768 --layers 2 --breakdown
+    .venv/bin/python tools/bench/train_throughput.py --family gpt2 --d-model 512 --matmul-floor  # the step's bound
 
 On a GPU, PyTorch runs on the GPU too (autocast on "cuda", its default SDPA attention), and MFU divides by the
 chip's spec-sheet bfloat16 peak (`lmjax.train.metrics.mfu_peak`) instead of a measured one.
@@ -27,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import base_config, validate
 from lmjax.model.config import ModelConfig
+from lmjax.model.layers import head_logits
 from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, flops_per_token
 from lmjax.train.metrics import measure_matmul_peak, mfu_peak
@@ -155,7 +158,7 @@ def breakdown_lmjax(cfg: ConfigDict, args: argparse.Namespace) -> dict[str, floa
     head = state["params"]["embed"].T if m.tie_embeddings else state["params"]["lm_head"]
 
     def head_loss(x, head):
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = head_logits(x, nnx.Param(head), "btd,dv->btv", dtype)
         return optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"]).mean()
 
     head_grad = jax.jit(jax.grad(head_loss, argnums=(0, 1)))
@@ -169,6 +172,41 @@ def breakdown_lmjax(cfg: ConfigDict, args: argparse.Namespace) -> dict[str, floa
     results = [Result(name, m.dtype, lambda fn=fn: jax.block_until_ready(fn()), 0) for name, fn in parts.items()]
     run_each(results, args.warmup, args.steps)
     return {r.name: r.step_s * (m.num_layers if "attention" in r.name else 1) for r in results}
+
+
+def step_matmuls(cfg: ConfigDict, args: argparse.Namespace) -> list[tuple[str, dict[str, int], int]]:
+    """The train step's projections as (einsum equation, axis sizes, how many per step): each block's query, key,
+    value and output projections and MLP matrices, and the output head."""
+    m = ModelConfig.from_config(cfg.model)
+    sizes = dict(b=args.batch, t=m.seq_len, d=m.d_model, k=m.head_dim, f=m.d_ff, v=m.padded_vocab)
+    heads, kv = dict(sizes, h=m.num_heads), dict(sizes, h=m.num_kv_heads)
+    mlp = 3 if m.mlp == "swiglu" else 2  # gate, up, down or in, out
+    layer = [("btd,dhk->bthk", heads, 1), ("btd,dhk->bthk", kv, 2), ("bthk,hkd->btd", heads, 1),
+             ("btd,df->btf", sizes, mlp - 1), ("btf,fd->btd", sizes, 1)]
+    head = "btd,vd->btv" if m.tie_embeddings else "btd,dv->btv"
+    return [(eq, dims, n * m.num_layers) for eq, dims, n in layer] + [(head, sizes, 1)]
+
+
+def matmul_floor(cfg: ConfigDict, args: argparse.Namespace) -> float:
+    """Median seconds per step of the step's matmuls alone: the forward, input-gradient and weight-gradient
+    product of every projection (`step_matmuls`), each jitted and timed on its own with inputs in the compute
+    dtype, float32 accumulation and the result rounded to the compute dtype, as lmjax/model/layers.py multiplies.
+    No attention core, norm, activation, loss or optimizer is in it, so no implementation of the step with these
+    matmuls can run faster than this."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    total = 0.0
+    for i, (equation, dims, count) in enumerate(step_matmuls(cfg, args)):
+        (lhs, rhs), out = equation.split("->")[0].split(","), equation.split("->")[1]
+        for a, b, c in ((lhs, rhs, out), (out, rhs, lhs), (lhs, out, rhs)):  # forward, dx, dW
+            kx, ky = jax.random.split(jax.random.PRNGKey(i))
+            x = jax.random.normal(kx, [dims[axis] for axis in a], dtype)
+            y = jax.random.normal(ky, [dims[axis] for axis in b], dtype)
+            product = jax.jit(lambda x, y, eq=f"{a},{b}->{c}": jnp.einsum(
+                eq, x, y, preferred_element_type=jnp.float32).astype(dtype))
+            r = Result(equation, cfg.model.dtype, lambda f=product, x=x, y=y: jax.block_until_ready(f(x, y)), 0)
+            run_each([r], args.warmup, args.steps)
+            total += count * r.step_s
+    return total
 
 
 def bench_hf(cfg: ConfigDict, args: argparse.Namespace, bf16: bool) -> Result:
@@ -254,6 +292,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--no-hf-bf16", action="store_true", help="skip HF under bfloat16 autocast")
     p.add_argument("--breakdown", action="store_true", help="also time parts of the lmjax step")
+    p.add_argument("--matmul-floor", action="store_true",
+                   help="also time the step's matmuls alone: the fastest any step with them could run")
     args = p.parse_args()
     n = max(len(args.family), len(args.d_model))
     if len(args.family) not in (1, n) or len(args.d_model) not in (1, n):
@@ -291,6 +331,14 @@ def main() -> None:
             print(f"\nbreakdown, lmjax {label} {args.dtype} (median ms per step):")
             for name, seconds in parts.items():
                 print(f"  {name:38s} {seconds * 1e3:9.1f}")
+        if args.matmul_floor:
+            floor = matmul_floor(cfg, args)
+            tokens = args.batch * args.seq_len
+            print(f"\nmatmul floor, {label} {args.dtype}: the step's matmuls alone take {floor * 1e3:.1f} ms "
+                  f"({fpt * tokens / floor / 1e12:.3f} TFLOP/s): at most {tokens / floor:.0f} tokens/s; the lmjax step "
+                  f"spends {floor / results[0].step_s:.0%} of its time on them")
+            for r in results[1:]:
+                print(f"  at that floor lmjax would be {r.step_s / floor:.2f}x {r.name}")
 
     if jax.default_backend() == "cpu":  # measured peaks again: a noisy host lowers one, so take the better
         for dt in peaks:
