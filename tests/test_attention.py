@@ -20,9 +20,7 @@ from lmjax.model.attention_kernels import (
     _sharded_splash,
     blockwise_attention,
     cudnn_attention,
-    heads_major_attention,
     resolve_attention,
-    segment_mask,
     splash_attention,
     xla_attention,
 )
@@ -64,16 +62,6 @@ def _assert_close(got, want, dtype: str):
         assert g.dtype == w.dtype and g.shape == w.shape
         scale = max(float(jnp.abs(w.astype(jnp.float32)).max()), 1.0)
         assert float(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)).max()) <= TOLERANCE[dtype] * scale
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_cpu_reference_equals_jax_dot_product_attention(dtype):
-    """`xla` on a CPU is `heads_major_attention`: the same outputs and gradients as jax.nn's, grouped heads too."""
-    inputs = _inputs(70, dtype, heads=6, kv_heads=2)
-    reference = lambda q, k, v, segment_ids: jax.nn.dot_product_attention(
-        q, k, v, mask=segment_mask(segment_ids), scale=q.shape[-1] ** -0.5)
-    _assert_close(_output_and_grads(heads_major_attention, *inputs), _output_and_grads(reference, *inputs), dtype)
-    _assert_close(_output_and_grads(xla_attention, *inputs), _output_and_grads(heads_major_attention, *inputs), dtype)
 
 
 @pytest.mark.parametrize("length, block, dtype", [(70, 16, "float32"), (70, 16, "bfloat16"), (40, 128, "float32")])

@@ -4,9 +4,8 @@ Each takes queries [B, T, H, D], keys and values [B, T, KV, D] (H a multiple of 
 attention) and `segment_ids` [B, T], and lets a query see the keys at or before it in its own packed
 segment (padding, segment 0, is one more segment). All compute scores and softmax in float32.
 
-    xla        `jax.nn.dot_product_attention` with a materialised [B, 1, T, T] mask (on a CPU the same
-               computation written out heads-major in float32): the reference; it keeps the [B, H, T, T]
-               probabilities for the backward pass.
+    xla        `jax.nn.dot_product_attention` with a materialised [B, 1, T, T] mask: the reference; it keeps
+               the [B, H, T, T] probabilities for the backward pass.
     blockwise  pure JAX flash attention (online softmax over key blocks, a custom VJP that recomputes them),
                memory O(T) per row; runs everywhere.
     cudnn      cuDNN's fused flash attention (GPU, bfloat16 / float16).
@@ -73,29 +72,8 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """The reference: XLA's attention with the full mask, probabilities [B, H, T, T] materialised. On
-    accelerators `jax.nn.dot_product_attention`; on a CPU the same computation written out by
-    `heads_major_attention`, which XLA:CPU runs faster."""
-    if jax.default_backend() == "cpu":
-        return heads_major_attention(q, k, v, segment_ids)
+    """The reference: XLA's attention with the full mask, probabilities [B, H, T, T] materialised."""
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), scale=q.shape[-1] ** -0.5)
-
-
-def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """`jax.nn.dot_product_attention` with the segment mask, written out with the heads before the length axis
-    and every operand in float32: XLA:CPU's batched matmuls then run without transposing inside them and
-    without a bfloat16 x bfloat16 -> float32 product, which it lacks. Forward and backward of the gpt2 d512
-    bench's attention core (16 x 256 tokens, 8 heads) took 82-87 ms instead of 110-128 ms on the AMD EPYC, in
-    bfloat16 and float32 alike (docs/benchmarks.md, section 1). Output in q's dtype."""
-    b, length, heads, width = q.shape
-    kv_heads = k.shape[2]
-    to_f32 = lambda x: x.astype(jnp.float32)
-    qh = to_f32(q).reshape(b, length, kv_heads, heads // kv_heads, width).transpose(0, 2, 3, 1, 4)
-    kh, vh = (to_f32(x).transpose(0, 2, 1, 3) for x in (k, v))  # [B, KV, T, D]
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * width**-0.5
-    scores = jnp.where(segment_mask(segment_ids)[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    out = jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1), vh)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, heads, width).astype(q.dtype)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
