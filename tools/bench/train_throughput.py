@@ -32,6 +32,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lmjax.config import base_config, validate
+from lmjax.model.attention_kernels import attend
 from lmjax.model.config import ModelConfig
 from lmjax.model.layers import head_logits
 from lmjax.model.loss import token_losses
@@ -147,10 +148,10 @@ def breakdown_lmjax(cfg: ConfigDict, args: argparse.Namespace) -> dict[str, floa
     b, t, h, hd = args.batch, args.seq_len, m.num_heads, ModelConfig.from_config(m).head_dim
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v = (jax.random.normal(key, (b, t, h, hd), dtype) for key in keys[:3])
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    segment_ids = jnp.ones((b, t), jnp.int32)
 
     def attention(q, k, v):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5)
+        out = attend(q, k, v, segment_ids, m.attention)
         return out.astype(jnp.float32).sum()
 
     attention_grad = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
