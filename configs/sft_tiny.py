@@ -7,7 +7,7 @@
 Same model as `tiny`; only assistant replies count in the loss (the chat template's loss mask), with AdamW
 rather than tiny's Muon and a lower learning rate. Held-out questions are about modules never seen in
 fine-tuning; the training set also asks about its modules under made-up names, which teaches the model to
-copy the asked name. Expect (2-core CPU, ~5 min, from the 300-step `tiny`): val loss on held-out assistant tokens
+copy the asked name. Expect (2-core CPU, 3-5 min, from the 300-step `tiny`): val loss on held-out assistant tokens
 about 2.45 and ROUGE-L about 0.35 on 128 held-out questions (docs/benchmarks.md, "Chat (quickstart)").
 """
 

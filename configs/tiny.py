@@ -3,9 +3,10 @@
     lmjax train --config configs/tiny.py --workdir runs/tiny
     lmjax sample --workdir runs/tiny --prompt "Return the"
 
-Expect (2-core CPU, ~5 min at ~4,000-5,000 tokens/s): val bits/byte about 1.60 against 2.7 for a unigram
-model (1.70 with AdamW, cosine decay, SwiGLU and bfloat16 before: docs/benchmarks.md, "Time to quality"),
-and samples that read like docstrings ("Return the mock object ... This is a generic class which ...").
+Expect (2-core CPU, ~4 min at ~6,000 tokens/s in bfloat16 on an AMD EPYC, ~5 min in float32): val bits/byte
+about 1.60 against 2.7 for a unigram model (1.70 with AdamW, cosine decay, SwiGLU and bfloat16 before:
+docs/benchmarks.md, "Time to quality"), and samples that read like docstrings ("Return the mock object ... This is
+a generic class which ...").
 """
 
 from lmjax.config import base_config

@@ -4,8 +4,8 @@
 
 1. prepares the embedded corpus (docstrings of this Python's standard library + pydoc topics): cleaning,
    deduplication, PII scrubbing, a train/val split, a SentencePiece tokenizer and a data card;
-2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (~5 minutes on 2 cores);
-3. fine-tunes it on the embedded chat dataset (questions about stdlib modules; ~5 minutes);
+2. pretrains the `tiny` config (4-layer Llama-style, ~5M parameters) on it (4-5 minutes on 2 cores);
+3. fine-tunes it on the embedded chat dataset (questions about stdlib modules; 3-5 minutes);
 4. asks both models held-out questions about modules never seen in fine-tuning and prints ROUGE-L;
 5. writes the chat model's report card (OUT/sft/report/report.md and .html: evaluations, bias, red-team);
 6. serves the chat demo on http://127.0.0.1:7860 (thumbs up/down go to OUT/sft/feedback.sqlite).
@@ -44,12 +44,12 @@ def main() -> None:
         print(f"  {card['documents_in']:,} documents in, {sum(card['documents_out'].values()):,} kept, "
               f"{card['tokens_out']['train']:,} training tokens; data card: {data / 'card.md'}")
 
-    step("2/6 pretraining configs/tiny.py (about 5 minutes)", start)
+    step("2/6 pretraining configs/tiny.py (4-5 minutes)", start)
     cfg = apply_overrides(load_config("configs/tiny.py"), [f"data.train={data}", f"data.val={data}:val"])
     result = train(cfg, pretrain)
     print(f"  val bits/byte {result['val_bpb']:.3f} vs {result['unigram_bpb']:.3f} for a unigram model")
 
-    step("3/6 chat fine-tuning configs/sft_tiny.py (about 5 minutes)", start)
+    step("3/6 chat fine-tuning configs/sft_tiny.py (3-5 minutes)", start)
     train(apply_overrides(load_config("configs/sft_tiny.py"), [f"init_from={pretrain}"]), sft)
 
     step("4/6 held-out questions (modules never seen in fine-tuning)", start)
