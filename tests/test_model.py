@@ -13,7 +13,7 @@ from flax import nnx
 
 from lmjax.config import ConfigError, base_config, load_config, validate
 from lmjax.model.config import ModelConfig
-from lmjax.model.layers import project
+from lmjax.model.layers import head_logits, project
 from lmjax.model.loss import token_losses
 from lmjax.model.params import abstract_model, count_params, flops_per_token, init_params
 from lmjax.model.transformer import MASKED_LOGIT, init_cache
@@ -138,6 +138,32 @@ def test_projection_gradients_match_autodiff_of_the_plain_einsum(equation, dtype
         np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6, err_msg=name)
     if dtype == jnp.bfloat16:  # the point of the custom VJP: backward matmuls stay in bfloat16 too
         operands = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(custom, argnums=(0, 1)))(x, w, bias).jaxpr)
+        assert len(operands) == 3 and set(operands) == {(dtype, dtype)}, operands
+
+
+@pytest.mark.parametrize("equation", ["btd,vd->btv", "btd,dv->btv"])  # tied (embedding) and untied head
+def test_the_heads_backward_multiplies_in_the_compute_dtype(equation):
+    """In bfloat16 the head's backward matmuls take bfloat16 operands (its float32 logits' gradient rounded once,
+    as PyTorch's autocast does), not the float32 ones autodiff of a float32-accumulating einsum would give; the
+    gradients stay within a rounding or two of that autodiff. In float32 they equal it."""
+    sizes = {"b": 2, "t": 3, "d": 8, "v": 11}
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal([sizes[a] for a in axes], np.float32) for axes in equation.split("->")[0].split(","))
+    targets = jnp.asarray(rng.integers(0, sizes["v"], (2, 3)))
+    for dtype in (jnp.dtype("float32"), jnp.dtype("bfloat16")):
+        def loss(x, w, logits_of):
+            return optax.softmax_cross_entropy_with_integer_labels(logits_of(x, w), targets).mean()
+
+        ours = lambda x, w, dtype=dtype: head_logits(x.astype(dtype), nnx.Param(w), equation, dtype)
+        plain = lambda x, w, dtype=dtype: jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
+                                                     preferred_element_type=jnp.float32)
+        got = jax.grad(loss, argnums=(0, 1))(x, w, ours)
+        want = jax.grad(loss, argnums=(0, 1))(x, w, plain)
+        for g, e in zip(got, want, strict=True):  # bfloat16: the rounded cotangent's error, summed over the vocabulary
+            scale = 1e-6 if dtype == jnp.float32 else 2 * BF16_EPS * float(np.abs(e).max())
+            np.testing.assert_allclose(g, e, rtol=0, atol=scale)
+        operands = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+            x, w, ours).jaxpr)
         assert len(operands) == 3 and set(operands) == {(dtype, dtype)}, operands
 
 
