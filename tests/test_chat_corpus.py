@@ -19,6 +19,7 @@ from lmjax.corpus.stdlib_chat import (
     keyword_conversations,
     module_conversations,
     safety_conversations,
+    signature_text,
     write_chat_dataset,
 )
 from lmjax.eval.chat_qa import qa_pairs
@@ -206,3 +207,13 @@ def test_stdlib_default_is_cached(tmp_path, monkeypatch):
     assert len(split["train"]) > 3000 and len(split["heldout"]) > 100
     assert list(tmp_path.glob("stdlib-chat-*.jsonl"))
     assert build_chat_dataset() == split
+
+
+def test_signatures_do_not_depend_on_where_python_is_installed():
+    """`platform.architecture`'s default is this interpreter's path: the chat data says `sys.executable` instead,
+    so two checkouts (two venvs) build the same dataset."""
+    import platform
+    import sys
+
+    text = signature_text(platform.architecture)
+    assert "executable=sys.executable" in text and sys.executable not in text

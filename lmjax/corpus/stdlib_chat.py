@@ -48,7 +48,7 @@ from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
 from lmjax.text.io import atomic_write, hash_unit
 
-CHAT_CORPUS_VERSION = 5  # bump when generation rules change, to invalidate caches
+CHAT_CORPUS_VERSION = 6  # bump when generation rules change, to invalidate caches
 MAX_ANSWER_CHARS = 220
 MAX_CONVERSATION_CHARS = 640
 SYSTEM_PROB = 0.25
@@ -141,12 +141,20 @@ def first_sentence(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
     return None
 
 
+# Defaults that hold this interpreter's paths (`platform.architecture(executable=sys.executable)`), written as the
+# expression the documentation shows, so the chat data does not depend on where Python or the venv is installed.
+INSTALL_PATHS = ("sys.executable", "sys.prefix", "sys.exec_prefix", "sys.base_prefix", "sys.base_exec_prefix")
+
+
 def signature_text(obj: object) -> str | None:
-    """`str(inspect.signature(obj))` when available, short and free of memory addresses."""
+    """`str(inspect.signature(obj))` when available, short, free of memory addresses and of this machine's paths
+    (`INSTALL_PATHS`)."""
     try:
         sig = str(inspect.signature(obj))
     except Exception:  # builtins can fail in many ways (bad text signatures, missing symbols)
         return None
+    for name in INSTALL_PATHS:
+        sig = sig.replace(repr(getattr(sys, name.split(".")[1])), name)
     return None if " at 0x" in sig or len(sig) > 110 else sig
 
 
