@@ -13,15 +13,14 @@ from lmjax.corpus.safety_phrasings import CATEGORIES
 from lmjax.corpus.stdlib_chat import (
     MAX_CONVERSATION_CHARS,
     build_chat_dataset,
-    first_sentence,
     identity_conversations,
     is_heldout,
     keyword_conversations,
     module_conversations,
     safety_conversations,
-    signature_text,
     write_chat_dataset,
 )
+from lmjax.corpus.stdlib_facts import first_sentence, signature_text
 from lmjax.eval.chat_qa import qa_pairs
 from lmjax.text.chat_template import check_conversation, read_conversations
 

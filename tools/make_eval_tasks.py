@@ -12,11 +12,10 @@ import json
 import random
 from pathlib import Path
 
-from lmjax.corpus.stdlib_chat import (
-    build_chat_dataset,
+from lmjax.corpus.stdlib_chat import build_chat_dataset, is_heldout
+from lmjax.corpus.stdlib_facts import (
     expand_packages,
     first_sentence,
-    is_heldout,
     own_doc,
     public_objects,
     safe_import,

@@ -43,6 +43,7 @@ from lmjax.train.metrics import (
     format_duration,
     log,
     mfu_peak,
+    peak_cache,
     plot_losses,
     training_dtype,
 )
@@ -153,7 +154,7 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     cfg = resume_config(cfg, wd)  # a resumed run keeps the dtype it started in
     backend = jax.default_backend()
     if cfg.model.dtype == "auto":
-        cfg.model.dtype, why = training_dtype(backend, cache_dir() / "matmul-peak.json")
+        cfg.model.dtype, why = training_dtype(backend, peak_cache())
         log(f"model.dtype=auto: training in {cfg.model.dtype} ({why})")
     if cfg.model.attention == "auto":
         head_dim = ModelConfig.from_config(cfg.model).head_dim
@@ -348,7 +349,7 @@ def _train(cfg: ConfigDict, wd: Workdir, startup: StartupClock) -> dict:
     n_params = count_params(abstract_params)
     flops_token = flops_per_token(m_cfg, abstract_params)
     peak, peak_source = ((t_cfg.peak_tflops * 1e12, "train.peak_tflops") if t_cfg.peak_tflops
-                         else mfu_peak(m_cfg.dtype, cache_dir() / "matmul-peak.json"))
+                         else mfu_peak(m_cfg.dtype, peak_cache()))
     log(f"model: {m_cfg.family}, {n_params / 1e6:.2f}M params, {flops_token / 1e6:.1f} MFLOP/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source})")
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.text.io import atomic_write
 
 # JAX's monitoring events (jax.monitoring) for one XLA compilation or its load from the persistent compilation
@@ -84,6 +85,11 @@ def mfu_peak(dtype: str, cache: Path | None = None) -> tuple[float, str]:
 # Measured end to end: a 1.75x matmul ratio gave 1.33x tokens/s at d512 and ~1.2x on `tiny` (AMD EPYC, no
 # AMX); a 0.56x ratio gave float32 1.32x (Intel Xeon, no AMX) (docs/benchmarks.md, section 1).
 BF16_MATMUL_ADVANTAGE = 1.3
+
+
+def peak_cache() -> Path:
+    """Where `mfu_peak` keeps this machine's measured matmul peaks (in the lmjax cache directory)."""
+    return cache_dir() / "matmul-peak.json"
 
 
 def training_dtype(backend: str, cache: Path | None = None) -> tuple[str, str]:

@@ -11,7 +11,6 @@ from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, validate
-from lmjax.corpus.stdlib_docs import cache_dir
 from lmjax.model.attention_kernels import resolve_attention
 from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
 from lmjax.model.lora import LoraSpec, adapter_axes, frozen_base
@@ -19,7 +18,7 @@ from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
 from lmjax.parallel.rules import logical_to_spec, tree_specs
 from lmjax.run.restore import starting_model
-from lmjax.train.metrics import training_dtype
+from lmjax.train.metrics import peak_cache, training_dtype
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_lora_state, init_state
 
@@ -162,7 +161,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backe
     cfg = _with_vocab(cfg)
     backend = backend or jax.default_backend()
     if cfg.model.dtype == "auto":  # as training would resolve it on `backend`
-        cfg.model.dtype = training_dtype(backend, cache_dir() / "matmul-peak.json")[0]
+        cfg.model.dtype = training_dtype(backend, peak_cache())[0]
     m, t = ModelConfig.from_config(cfg.model), cfg.train
     attention = (resolve_attention("auto", backend, m.dtype, m.head_dim, m.seq_len) if m.attention == "auto"
                  else m.attention)

@@ -197,7 +197,8 @@ def matmul_floor(cfg: ConfigDict, args: argparse.Namespace) -> float:
     dtype = jnp.dtype(cfg.model.dtype)
     total = 0.0
     for i, (equation, dims, count) in enumerate(step_matmuls(cfg, args)):
-        (lhs, rhs), out = equation.split("->")[0].split(","), equation.split("->")[1]
+        inputs, out = equation.split("->")
+        lhs, rhs = inputs.split(",")
         for a, b, c in ((lhs, rhs, out), (out, rhs, lhs), (lhs, out, rhs)):  # forward, dx, dW
             kx, ky = jax.random.split(jax.random.PRNGKey(i))
             x = jax.random.normal(kx, [dims[axis] for axis in a], dtype)
