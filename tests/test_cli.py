@@ -1,8 +1,10 @@
-"""The CLI's error handling: user errors as one line (exit 2), bugs with their traceback, LMJAX_DEBUG."""
+"""The CLI's error handling: user errors as one line (exit 2), bugs with their traceback, LMJAX_DEBUG, and
+`--config.KEY=VALUE` refused by the commands that build no config."""
 
 import pytest
 
 from lmjax import cli
+from lmjax.cli import parser
 from lmjax.config import ConfigError, DataError
 
 UNKNOWN_KNOB = ["data", "prepare", "--out", "never-written", "--config.no_such_knob=1"]
@@ -29,10 +31,10 @@ def test_data_error_from_a_subcommand_is_one_line(tmp_path, monkeypatch, capsys)
 def test_programming_error_keeps_its_traceback(monkeypatch, capsys):
     monkeypatch.delenv("LMJAX_DEBUG", raising=False)
 
-    def broken(args, overrides):
+    def broken(args):
         raise ValueError("operands could not be broadcast together")
 
-    monkeypatch.setattr(cli, "cmd_data_prepare", broken)
+    monkeypatch.setattr(parser, "cmd_data_prepare", broken)
     with pytest.raises(ValueError, match="could not be broadcast") as err:
         cli.main(["data", "prepare", "--out", "never-written"])
     assert not isinstance(err.value, DataError)
@@ -46,3 +48,20 @@ def test_debug_env_shows_the_traceback_of_user_errors(monkeypatch, capsys):
         cli.main(UNKNOWN_KNOB)
     assert len(err.traceback) > 1
     assert "lmjax: error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flags", [("eval safety", ["--workdir", "never-read"]),
+                                           ("sample", ["--workdir", "never-read"]),
+                                           ("feedback export", ["--workdir", "never-read", "--out", "never-written"])])
+def test_commands_that_build_no_config_refuse_overrides(command, flags, monkeypatch, capsys):
+    monkeypatch.delenv("LMJAX_DEBUG", raising=False)
+    assert cli.main([*command.split(), *flags, "--config.train.lr=1"]) == 2
+    assert capsys.readouterr().err == (f"lmjax: error: lmjax {command} takes no --config overrides "
+                                       "(got --config.train.lr=1)\n")
+
+
+def test_commands_that_build_a_config_get_the_overrides(monkeypatch):
+    seen = []
+    monkeypatch.setattr(parser, "cmd_plan", lambda args: seen.append(args.overrides))
+    assert cli.main(["plan", "--config", "configs/tiny.py", "--config.train.lr=1", "--config.model.d_model", "64"]) == 0
+    assert seen == [["train.lr=1", "model.d_model=64"]]

@@ -1,0 +1,7 @@
+"""`python -m lmjax.cli`."""
+
+import sys
+
+from lmjax.cli import main
+
+sys.exit(main())
