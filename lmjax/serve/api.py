@@ -18,26 +18,27 @@ context is refused with the numbers.
 
 import asyncio
 import dataclasses
-import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from lmjax.config import LmjaxError
-from lmjax.infer.engine import Engine, TokenLogprob, Update
 from lmjax.serve.auth import ApiKey, KeyRing, RateLimited
+from lmjax.serve.edge import Edge
 from lmjax.serve.engine import ChatEngine
+from lmjax.serve.errors import ApiError, http_error, validation_error
 from lmjax.serve.feedback import FeedbackStore
+from lmjax.serve.generation import Choice, events, generate
 from lmjax.serve.metrics import Metrics
 from lmjax.serve.protocol import (
     ChatCompletionRequest,
@@ -48,11 +49,9 @@ from lmjax.serve.protocol import (
     TokenizeRequest,
 )
 from lmjax.serve.safety import ContentFilter
+from lmjax.serve.wire import chat_logprobs, completion_logprobs, count_completion, sse_response
 from lmjax.text.chat_template import encode_chat
 
-access_log = logging.getLogger("lmjax.access")
-JOIN_CONTEXT = 4  # prompt tokens decoded before a completion's tokens, for the spacing where they meet
-HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # others count as "other"
 log = logging.getLogger(__name__)
 
 
@@ -69,45 +68,6 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     log_prompts: bool = False  # put prompt text in the access log
     store_chats: bool = True  # keep chat completions in the feedback store so /v1/feedback can rate them
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 405: "invalid_request_error", 409: "conflict", 413: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-@dataclasses.dataclass(eq=False)
-class Choice:
-    """One sequence being generated: its tokens, the text made of them and how much of it was sent."""
-
-    index: int
-    prompt: list[int]
-    prefix: list[int]  # tokens decoded before the generated ones, so that text joins up (completions)
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None
-    stop_token: tuple[int, TokenLogprob] | None = None
-    text: str = ""
-    sent: int = 0
-    finish_reason: str | None = None
-    request_id: int | None = None
-    admitted: float | None = None
-    token_times: list[float] = dataclasses.field(default_factory=list)
-    logprobs_sent: int = 0  # streamed chat logprobs already sent
-    engine: Engine | None = None  # the engine that runs it (a reload may have replaced the live one since)
 
 
 class Api:
@@ -151,8 +111,8 @@ class Api:
         app = FastAPI(title="lmjax", version="1", lifespan=lifespan,
                       description="OpenAI-compatible API of an lmjax model")
         app.add_exception_handler(ApiError, lambda _, e: e.response())
-        app.add_exception_handler(HTTPException, self._http_error)
-        app.add_exception_handler(RequestValidationError, self._validation_error)
+        app.add_exception_handler(HTTPException, http_error)
+        app.add_exception_handler(RequestValidationError, validation_error)
         auth = [Depends(self._authorize)]
         Key = Annotated[ApiKey | None, Depends(self._authorize)]
 
@@ -217,30 +177,13 @@ class Api:
             return await asyncio.to_thread(self._reload, body.workdir, body.step)
 
         known = {route.path for route in app.routes}
-        return Edge(app, self, known)
+        return Edge(app, self.metrics, self.settings.max_body_bytes, known)
 
     def _model_card(self) -> dict:
         live = self.engine
         return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmjax",
                 "max_model_len": self.context, "step": live.step,
                 "workdir": str(live.workdir.path) if live.workdir else None, "compression": live.compression}
-
-    @staticmethod
-    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(e.status_code, str(e.detail))
-        return ApiError(e.status_code, message, code=str(e.status_code)).response()
-
-    @staticmethod
-    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
-                            code="invalid_json").response()
-        message = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body')}: {err.get('msg')}"
-                            for err in errors[:5])
-        return ApiError(422, message or "invalid request", where or None, "invalid_value").response()
 
     async def _authorize(self, request: Request) -> ApiKey | None:
         """The request's key (None without authentication); 401 without a valid key, 429 over its limits."""
@@ -354,101 +297,13 @@ class Api:
             self._rate(self.keyring.admit_tokens, key, sum(len(p) for p in prompts) + len(prompts) * n * max_tokens)
 
     # ------------------------------------------------------------------------------------------ generation
-    async def _generate(self, request: Request, choices: list[Choice], settings: dict, stops: list[str],
-                        stream: bool, session: str) -> AsyncIterator[tuple[Choice, str]]:
-        """Runs `choices` on the engine; yields (choice, new text) as text becomes safe to send, and
-        (choice, "") when a choice finishes. Unfinished choices are cancelled if the caller stops early (a
-        client disconnect) or on the request timeout."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[tuple[Choice, Update]] = asyncio.Queue()
-        arrival = time.time()
-        deadline = time.monotonic() + self.settings.request_timeout
-        seed = settings.pop("seed")
-        live = self.engine
-        for choice in choices:
-            callback = lambda _, update, choice=choice: loop.call_soon_threadsafe(updates.put_nowait, (choice, update))
-            choice_seed = secrets.randbelow(2**31) if seed is None else (seed + choice.index) % 2**31
-            choice.engine = live.engine
-            choice.request_id = live.submit(choice.prompt, callback, seed=choice_seed, **settings)
-        pending = set(choices)
-        try:
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ApiError(504, f"the request took longer than {self.settings.request_timeout:g} s",
-                                   code="timeout")
-                try:
-                    if updates.empty():
-                        async with asyncio.timeout(min(remaining, 0.5)):
-                            choice, update = await updates.get()
-                    else:
-                        choice, update = updates.get_nowait()
-                except TimeoutError:
-                    if not stream and await request.is_disconnected():
-                        return
-                    continue
-                if choice.finish_reason is not None:
-                    continue
-                delta = self._apply(choice, update, stops, time.time(), session)
-                if delta:
-                    yield choice, delta
-                if choice.finish_reason is not None:
-                    pending.discard(choice)
-                    if update.finish_reason is None:
-                        choice.engine.cancel(choice.request_id)
-                    self.metrics.observe_request(arrival, choice.admitted, choice.token_times, time.time(),
-                                                 len(choice.prompt), choice.finish_reason)
-                    yield choice, ""
-        finally:
-            for choice in pending:
-                choice.engine.cancel(choice.request_id)
-                self.metrics.finished("abort")
-
-    def _apply(self, choice: Choice, update: Update, stops: list[str], now: float, session: str) -> str:
-        """Adds an engine update to `choice`: new text, stop strings, the content filter. Returns the text that
-        became safe to send (held back: a partial character, the start of a stop string or of a blocked
-        word)."""
-        if update.admitted_at is not None:
-            choice.admitted = update.admitted_at
-        if update.prompt_logprobs is not None:
-            choice.prompt_logprobs = update.prompt_logprobs
-        choice.tokens += update.tokens
-        choice.logprobs += update.logprobs
-        choice.token_times += [now] * len(update.tokens)
-        choice.stop_token = update.stop_token
-        text = self._decode(choice)
-        finish = update.finish_reason
-        safe = len(text)
-        if stops:
-            found = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if found:
-                text, finish, safe = text[:min(found)], "stop", min(found)
-            else:
-                safe = min(safe, len(text) - max((k for s in stops for k in range(1, len(s))
-                                                  if text.endswith(s[:k])), default=0))
-        if self.filter is not None:
-            shown, blocked = self.filter.verdict(text)
-            if blocked or (finish is not None and shown < len(text)):
-                self.filter.record_block(text, session)
-                text, finish = text[:shown], "content_filter"
-            safe = min(safe, shown)
-        if finish is None and text.endswith("\ufffd"):
-            safe = min(safe, len(text.rstrip("\ufffd")))
-        choice.text = text
-        choice.finish_reason = {"cancelled": "abort"}.get(finish, finish)
-        end = len(text) if finish is not None else max(safe, choice.sent)
-        delta, choice.sent = text[choice.sent:end], max(choice.sent, end)
-        return delta
-
-    def _decode(self, choice: Choice) -> str:
-        """The generated text, decoded after the last `JOIN_CONTEXT` tokens of `choice.prefix` so that a space
-        at the join is kept."""
-        if not choice.prefix:
-            return self.tokenizer.decode(choice.tokens)
-        context = choice.prefix[-JOIN_CONTEXT:]
-        head = self.tokenizer.decode(context)
-        full = self.tokenizer.decode(context + choice.tokens)
-        return full[len(head):] if full.startswith(head) else self.tokenizer.decode(choice.tokens)
+    def _generate(self, request: Request, choices: list[Choice], settings: dict, stops: list[str], stream: bool,
+                  session: str) -> AsyncIterator[tuple[Choice, str]]:
+        """`choices` running on the live engine (`lmjax.serve.generation.generate`); a non-streamed request
+        watches for the client going away while it waits (a stream notices it when a write fails)."""
+        return generate(self.engine, choices, settings, stops, session, timeout=self.settings.request_timeout,
+                        disconnected=None if stream else request.is_disconnected, content_filter=self.filter,
+                        metrics=self.metrics)
 
     # ------------------------------------------------------------------------------------------- endpoints
     async def _chat(self, body: ChatCompletionRequest, request: Request, key: ApiKey | None):
@@ -481,7 +336,7 @@ class Api:
         top = (body.top_logprobs or 0) if body.logprobs else None
 
         async def finish() -> None:
-            _count_completion(usage, choices)
+            count_completion(usage, choices)
             if self.feedback is not None and self.settings.store_chats and generation is not None:
                 conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
                 for choice in choices:
@@ -496,35 +351,20 @@ class Api:
                 for choice in choices:
                     yield {**chunk, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
-                async for choice, delta in _events(generation, choices):
-                    logprobs = self._chat_logprobs(choice, top, streamed=True) if top is not None else None
+                async for choice, delta in events(generation, choices):
+                    logprobs = chat_logprobs(choice, top, self.tokenizer, streamed=True) if top is not None else None
                     done = choice.finish_reason if not delta else None
                     yield {**chunk, "choices": [{"index": choice.index, "delta": {"content": delta} if delta else {},
                                                  "logprobs": logprobs, "finish_reason": done}]}
 
-            return _stream(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
-        async for _ in _events(generation, choices):
+            return sse_response(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
+        async for _ in events(generation, choices):
             pass
         await finish()
         return {**head, "object": "chat.completion", "usage": usage,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": self._chat_logprobs(c, top) if top is not None else None,
+                             "logprobs": chat_logprobs(c, top, self.tokenizer) if top is not None else None,
                              "finish_reason": c.finish_reason} for c in choices]}
-
-    def _chat_logprobs(self, choice: Choice, top: int, streamed: bool = False) -> dict:
-        """OpenAI chat logprobs of a choice's tokens (when `streamed`, those not sent yet)."""
-        start = choice.logprobs_sent if streamed else 0
-        entries = choice.logprobs[start:]
-        ids = choice.tokens[start:]
-        if streamed:
-            choice.logprobs_sent = start + len(entries)
-        tok = self.tokenizer
-
-        def entry(token_id: int, logprob: float) -> dict:
-            return {"token": tok.token_strings([token_id])[0], "logprob": logprob, "bytes": tok.token_utf8(token_id)}
-
-        return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top[:top]]}
-                            for t, lp in zip(ids, entries, strict=True)], "refusal": None}
 
     async def _completions(self, body: CompletionRequest, request: Request, key: ApiKey | None):
         self._check_ready()
@@ -553,31 +393,32 @@ class Api:
                 "model": self.settings.model_name}
 
         async def finish() -> None:
-            _count_completion(usage, choices)
+            count_completion(usage, choices)
 
         if body.stream:
             chunk = {**head, **({"usage": None} if body.include_usage() else {})}
 
             async def chunks() -> AsyncIterator[dict]:
                 echoed = set()
-                async for choice, delta in _events(generation, choices):
+                async for choice, delta in events(generation, choices):
                     text = delta
                     if body.echo and choice.index not in echoed:
                         echoed.add(choice.index)
                         text = self.tokenizer.decode(choice.prompt) + delta
                     logprobs = None
                     if body.logprobs is not None and not delta:
-                        logprobs = self._legacy_logprobs(choice, body.logprobs, body.echo)
+                        logprobs = completion_logprobs(choice, body.logprobs, body.echo, self.tokenizer)
                     yield {**chunk, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
                                                  "finish_reason": choice.finish_reason if not delta else None}]}
 
-            return _stream(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
-        async for _ in _events(generation, choices):
+            return sse_response(chunks(), finish, {**chunk, "usage": usage} if body.include_usage() else None)
+        async for _ in events(generation, choices):
             pass
         await finish()
         return {**head, "usage": usage, "choices": [
             {"index": c.index, "text": (self.tokenizer.decode(c.prompt) if body.echo else "") + c.text,
-             "logprobs": self._legacy_logprobs(c, body.logprobs, body.echo) if body.logprobs is not None else None,
+             "logprobs": (completion_logprobs(c, body.logprobs, body.echo, self.tokenizer)
+                          if body.logprobs is not None else None),
              "finish_reason": c.finish_reason} for c in choices]}
 
     def _prompt_ids(self, prompt: Any) -> list[list[int]]:
@@ -594,33 +435,6 @@ class Api:
                 self._check_ids(item, "prompt")
                 prompts.append(list(item))
         return prompts
-
-    def _legacy_logprobs(self, choice: Choice, top: int, echo: bool) -> dict:
-        """The completions API's logprobs: tokens, token_logprobs, top_logprobs and text_offset over the prompt
-        (with echo; its first token has no log-probability) and the generated tokens, the end token included."""
-        ids = list(choice.tokens)
-        entries: list[TokenLogprob | None] = list(choice.logprobs)
-        if choice.stop_token is not None and choice.finish_reason == "stop" and len(ids) == len(entries):
-            ids.append(choice.stop_token[0])
-            entries.append(choice.stop_token[1])
-        prefix: list[int] = []
-        if echo:
-            ids = choice.prompt + ids
-            entries = [None] + list(choice.prompt_logprobs or [None] * (len(choice.prompt) - 1)) + entries
-        else:
-            prefix = choice.prompt
-        tok = self.tokenizer
-        head = len(tok.decode(prefix)) if prefix else 0
-        offsets = [len(tok.decode(prefix + ids[:i])) - head for i in range(len(ids))]
-
-        def best(lp: TokenLogprob) -> dict[str, float]:
-            out: dict[str, float] = {}
-            for token_id, value in lp.top[:top]:
-                out.setdefault(tok.token_strings([token_id])[0], value)
-            return out
-
-        return {"tokens": tok.token_strings(ids), "token_logprobs": [e.logprob if e else None for e in entries],
-                "top_logprobs": [best(e) if e else None for e in entries], "text_offset": offsets}
 
     async def _feedback(self, body: FeedbackRequest) -> dict:
         if self.feedback is None or not self.settings.store_chats:
@@ -639,111 +453,6 @@ class Api:
                 raise ApiError(400, "the edited reply is empty", "edited")
             await asyncio.to_thread(self.feedback.edit, reply, body.edited)
         return {"id": body.id, "choice": body.choice, "stored": True}
-
-
-async def _events(generation: AsyncIterator[tuple[Choice, str]] | None,
-                  choices: list[Choice]) -> AsyncIterator[tuple[Choice, str]]:
-    """The generation's events, or (for a refused input) one finishing event per choice."""
-    if generation is None:
-        for choice in choices:
-            choice.sent = len(choice.text)
-            yield choice, choice.text
-            yield choice, ""
-        return
-    async with _closing(generation):
-        async for event in generation:
-            yield event
-
-
-@asynccontextmanager
-async def _closing(generation: AsyncIterator):
-    try:
-        yield
-    finally:
-        await generation.aclose()
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _count_completion(usage: dict, choices: list[Choice]) -> None:
-    """Fills in `usage`'s completion and total tokens once the choices are done."""
-    usage["completion_tokens"] = sum(len(c.tokens) for c in choices)
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-
-
-def _stream(chunks: AsyncIterator[dict], finish: Callable[[], Awaitable[None]],
-            usage_chunk: dict | None) -> StreamingResponse:
-    """Server-sent events: each chunk (an error event instead if the generation fails, e.g. times out), then,
-    after `finish` has filled in the usage, the usage chunk when the client asked for one, and [DONE]."""
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-        except ApiError as e:
-            yield _sse(json.loads(e.response().body))
-        await finish()
-        if usage_chunk is not None:
-            yield _sse({**usage_chunk, "choices": []})
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class Edge:
-    """ASGI middleware around the app: request ids, the body-size limit (413), HTTP metrics and the JSON
-    access log (request id, key name, tokens, latency, status; prompt text only with `log_prompts`)."""
-
-    def __init__(self, app: FastAPI, api: Api, known_paths: set[str]):
-        self.app, self.api, self.known = app, api, known_paths
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        request_id = secrets.token_hex(8)
-        state = scope.setdefault("state", {})
-        status = {"code": 500}
-        limit = self.api.settings.max_body_bytes
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
-            await send(message)
-
-        received = {"bytes": 0}
-
-        async def limited_receive() -> dict:
-            message = await receive()
-            if message["type"] == "http.request":
-                received["bytes"] += len(message.get("body", b""))
-                if received["bytes"] > limit:
-                    raise HTTPException(413, f"the request body is larger than {limit} bytes")
-            return message
-
-        try:
-            length = dict(scope.get("headers", [])).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                await ApiError(413, f"the request body is {int(length)} bytes; the limit is {limit}",
-                               code="body_too_large").response()(scope, receive, send_with_id)
-            else:
-                await self.app(scope, limited_receive, send_with_id)
-        finally:
-            path = scope.get("path", "")
-            route = scope.get("route")
-            handler = getattr(route, "path", path if path in self.known else "unmatched")
-            method = scope.get("method", "")
-            self.api.metrics.http(handler, method if method in HTTP_METHODS else "other", status["code"])
-            record = {"time": round(time.time(), 3), "request_id": request_id, "method": scope.get("method"),
-                      "path": path, "status": status["code"], "key": state.get("key_name"),
-                      "latency_s": round(time.perf_counter() - start, 4), **(state.get("usage") or {})}
-            if "prompt" in state:
-                record["prompt"] = state["prompt"]
-            access_log.info(json.dumps(record, ensure_ascii=False))
 
 
 def _retire(engine: ChatEngine, closing: threading.Event, grace: float = 1.0) -> None:
