@@ -9,13 +9,13 @@ that serves (on a CPU: the int8 matmul), plus the parameter file size. Wanda cal
 training data (`lmjax compress` defaults to data.val, which here is the scored text).
 
 Speed (`--speed`): random Llama weights of `gpt2_small`-like shapes (d768, 12 layers, d_ff 2048, vocab
-4096; 91M parameters), built by tools/bench/serve.py's helpers (HF checkpoint -> lmjax run; GGUF by
+4096; 91M parameters), built by tools/bench/serve_artefacts.py's helpers (HF checkpoint -> lmjax run; GGUF by
 llama.cpp's converter). Decode tokens/s of the engine at batch 1 and 16 (32-token prompt, steady state),
 for float32, bfloat16, int8 and int4 g128, against:
 - the bandwidth bound: a large array's read bytes/s (a jitted sum) divided by the weight bytes each token
   reads;
 - llama.cpp (llama-cpp-python, 2 threads) f32, f16 and q8_0 GGUFs of the same weights, batch 1, 128 greedy
-  tokens after a 32-token prompt (when its venv exists; see tools/bench/serve.py).
+  tokens after a 32-token prompt (when its venv exists; see tools/bench/serve_artefacts.py).
 
     .venv/bin/python tools/bench/compress.py --pretrain runs/quickstart/pretrain --chat runs/quickstart/sft
     .venv/bin/python tools/bench/compress.py --speed --no-quality
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import tokens_per_second  # noqa: E402
-from serve import (  # noqa: E402
+from serve_artefacts import (  # noqa: E402
     DEFAULT_CONVERTER_GLOB,
     DEFAULT_LLAMACPP_PYTHON,
     ModelSpec,
@@ -224,7 +224,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
             peers[outtype] = llamacpp_speed(gguf, python)
             print(f"[speed] llama.cpp {outtype} batch 1: {peers[outtype]:.1f} tokens/s", flush=True)
     else:
-        print("[speed] llama.cpp skipped: no venv/converter (see tools/bench/serve.py)", flush=True)
+        print("[speed] llama.cpp skipped: no venv/converter (see tools/bench/serve_artefacts.py)", flush=True)
     return {"bandwidth_bytes_per_s": bandwidth, "lmjax": rows, "llamacpp_batch1": peers}
 
 

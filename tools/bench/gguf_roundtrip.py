@@ -5,8 +5,8 @@ decoding in llama.cpp (llama-cpp-python) against lmjax's greedy decoding of the 
 
 Prints, per prompt, how many of the greedy tokens agree before the first difference, and whether llama.cpp's
 tokenizer (read from the GGUF) gives lmjax's ids on the prompts' text. Needs llama.cpp's converter and
-llama-cpp-python in their own venv (tools/bench/serve.py documents how they are built, ~25 min once); not in CI.
-The comparison is in float32 (an f32 GGUF); lmjax decodes without a cache here, the plainest reference.
+llama-cpp-python in their own venv (tools/bench/serve_artefacts.py documents how they are built, ~25 min once);
+not in CI. The comparison is in float32 (an f32 GGUF); lmjax decodes without a cache here, the plainest reference.
 """
 
 import argparse
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import DEFAULT_CONVERTER_GLOB, DEFAULT_LLAMACPP_PYTHON, make_gguf  # noqa: E402
+from serve_artefacts import DEFAULT_CONVERTER_GLOB, DEFAULT_LLAMACPP_PYTHON, make_gguf  # noqa: E402
 
 from lmjax.input.specs import read_chat  # noqa: E402
 from lmjax.interop.hf_export import export_hf  # noqa: E402
