@@ -1,7 +1,7 @@
 """Export an lmjax run as a Hugging Face checkpoint directory (GPT2LMHeadModel, LlamaForCausalLM or, with
 query/key/value biases, Qwen2ForCausalLM).
 
-The inverse of lmjax/interop/hf.py: lmjax's per-head layouts go back to GPT-2's fused [in, out] Conv1D and
+The inverse of lmjax/interop/hf_layout.py: lmjax's per-head layouts go back to GPT-2's fused [in, out] Conv1D and
 Llama's [out, in] Linear weights, the vocabulary padding is cut off, and a tied embedding is saved once
 (`tie_word_embeddings`). The directory holds `config.json`, the weights (`model.safetensors`, or shards with
 `model.safetensors.index.json` above `max_shard_bytes`), `generation_config.json` and the run's tokenizer with
