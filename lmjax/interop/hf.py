@@ -4,9 +4,9 @@ files; lmjax/interop/hf_layout.py maps each architecture's config and weights on
 """
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
@@ -48,7 +48,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Config
 
     params = model_params(cfg, model_type, _read_tensors(path))
     param_dtype = jnp.dtype(dtype)
-    params = _map(lambda x: np.ascontiguousarray(x).astype(param_dtype), params)
+    params = jax.tree.map(lambda x: np.ascontiguousarray(x).astype(param_dtype), params)
     return cfg, params
 
 
@@ -184,9 +184,3 @@ def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
         return load_file(file)
     except Exception as e:
         raise DataError(f"cannot read safetensors file {file}: {type(e).__name__}: {e}") from e
-
-
-def _map(fn: Callable, tree):
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return fn(tree)

@@ -8,6 +8,7 @@ projection is [d_model, heads, head_dim] and the output projection [heads, head_
 
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -236,18 +237,15 @@ def pad_vocab(cfg: ConfigDict, x: np.ndarray, axis: int) -> np.ndarray:
     return np.pad(x, widths)
 
 
-def _flatten(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    if not isinstance(tree, dict):
-        return {prefix: tuple(tree.shape)}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
-    return flat
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"blocks.0.attn.query": shape} of every leaf."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_structure(params: Params, expected: Params) -> None:
     """Raises ValueError naming the first parameter that is missing, extra or mis-shaped."""
-    got, want = _flatten(params), _flatten(expected)
+    got, want = _shapes(params), _shapes(expected)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing:
         raise ValueError(f"converted params are missing {missing[0]!r}")
