@@ -300,7 +300,8 @@ class Api:
     def _generate(self, request: Request, choices: list[Choice], settings: dict, stops: list[str], stream: bool,
                   session: str) -> AsyncIterator[tuple[Choice, str]]:
         """`choices` running on the live engine (`lmjax.serve.generation.generate`); a non-streamed request
-        watches for the client going away while it waits (a stream notices it when a write fails)."""
+        watches for the client going away while it waits (Starlette cancels a streamed response itself when its
+        client disconnects)."""
         return generate(self.engine, choices, settings, stops, session, timeout=self.settings.request_timeout,
                         disconnected=None if stream else request.is_disconnected, content_filter=self.filter,
                         metrics=self.metrics)
