@@ -4,13 +4,14 @@ at matched steps and at matched wall-clock time, measured by `lmjax eval robust`
     python experiments/quickstart.py --no-demo          # once: makes runs/quickstart/pretrain
     python tools/bench/adversarial_cost.py --json runs/robustness/costs.json   # each method's step cost
     python experiments/robustness.py [--pretrained runs/quickstart/pretrain] [--out runs/robustness] \
-        [--costs runs/robustness/costs.json] [--steps 100]
+        [--costs runs/robustness/costs.json] [--steps N] [--questions 128]
 
 Every run is configs/sft_tiny.py from the same pretrained weights with one `train.adversarial` setting (below,
 chosen a priori from the papers' defaults in lmjax's units, not tuned here). Matched steps: every method trains
-`--steps` steps. Matched wall-clock: a method that costs c plain steps per step trains round(steps / c) steps,
-c from tools/bench/adversarial_cost.py (`--costs`: its methods timed in interleaved rounds on this model's shapes,
-so a busy machine slows them alike; the runs' own throughput is not used, since other jobs come and go).
+`--steps` steps (default: sft_tiny's own). Matched wall-clock: a method that costs c plain steps per step trains
+round(steps / c) steps, c from tools/bench/adversarial_cost.py (`--costs`: its methods timed in interleaved rounds
+on this model's shapes, so a busy machine slows them alike; the runs' own throughput is not used, since other jobs
+come and go).
 Each run is scored by `evaluate_robust` (lmjax/eval/robust.py): clean and perturbed-prompt
 ROUGE-L at three strengths, held-out loss clean / random / PGD at eps 0.1, and the red-team attack success rate.
 Results go to OUT/results.json and a markdown table (OUT/results.md). Every run and score resumes.
@@ -76,10 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", default="runs/quickstart/pretrain", help="the pretrained run to fine-tune")
     parser.add_argument("--out", default="runs/robustness", help="directory of the runs and results")
-    parser.add_argument("--steps", type=int, default=100, help="SFT steps at matched steps")
+    parser.add_argument("--steps", type=int, default=None, help="SFT steps at matched steps (default: sft_tiny's)")
     parser.add_argument("--costs", default="runs/robustness/costs.json",
                         help="tools/bench/adversarial_cost.py --json output: each method's cost in plain steps")
-    parser.add_argument("--questions", type=int, default=64, help="held-out chat questions scored")
+    parser.add_argument("--questions", type=int, default=128,
+                        help="held-out chat questions scored (the quickstart's count)")
     parser.add_argument("--train", default="chat:stdlib", help="data.train of every run")
     parser.add_argument("--val", default="chat:stdlib:heldout", help="data.val of every run (also the questions)")
     args = parser.parse_args()
@@ -90,6 +92,7 @@ def main() -> None:
         raise SystemExit(f"no step costs at {args.costs}: run `python tools/bench/adversarial_cost.py --json "
                          f"{args.costs}` first")
     costs = json.loads(Path(args.costs).read_text())
+    args.steps = args.steps or load_config("configs/sft_tiny.py").train.steps
     out, data = Path(args.out), [f"data.train={args.train}", f"data.val={args.val}"]
     rows = []
     for method in METHODS:
