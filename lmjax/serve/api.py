@@ -32,7 +32,6 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from lmjax.config import LmjaxError
 from lmjax.serve.auth import ApiKey, KeyRing, RateLimited
 from lmjax.serve.edge import Edge
 from lmjax.serve.engine import ChatEngine
@@ -48,6 +47,7 @@ from lmjax.serve.protocol import (
     ReloadRequest,
     TokenizeRequest,
 )
+from lmjax.serve.reload import LiveEngine
 from lmjax.serve.safety import ContentFilter
 from lmjax.serve.wire import chat_logprobs, completion_logprobs, count_completion, sse_response
 from lmjax.text.chat_template import encode_chat
@@ -75,7 +75,7 @@ class Api:
 
     def __init__(self, engine: ChatEngine, settings: ServeSettings, feedback: FeedbackStore | None = None,
                  content_filter: ContentFilter | None = None, warmup: bool = True):
-        self.engine = engine
+        self.live = LiveEngine(engine)
         self.tokenizer = engine.tokenizer
         self.settings = settings
         self.feedback = feedback
@@ -86,11 +86,13 @@ class Api:
         self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.max_tokens = min(settings.max_tokens or self.context, self.context)
         self.ready = threading.Event()
-        self._reloading = threading.Lock()
-        self._closing = threading.Event()  # set at shutdown: engines being retired close at once
-        self._retiring: list[threading.Thread] = []
         self.created = int(time.time())
         self.app = self._build(warmup)
+
+    @property
+    def engine(self) -> ChatEngine:
+        """The live engine (a reload replaces it)."""
+        return self.live.current
 
     # ----------------------------------------------------------------------------------------- application
     def _build(self, warmup: bool) -> FastAPI:
@@ -103,10 +105,7 @@ class Api:
 
             threading.Thread(target=start, daemon=True, name="lmjax-warmup").start()
             yield
-            self._closing.set()
-            for retire in self._retiring:
-                retire.join()
-            self.engine.close()
+            self.live.close()
 
         app = FastAPI(title="lmjax", version="1", lifespan=lifespan,
                       description="OpenAI-compatible API of an lmjax model")
@@ -207,31 +206,10 @@ class Api:
             raise ApiError(403, f"key {key.name!r} may not reload the model (needs admin = true)", code="forbidden")
 
     def _reload(self, workdir: str | None, step: int | None) -> dict:
-        """Loads and compiles `workdir` (default: the live run's) at `step`, then makes it live; the old engine
-        finishes its running requests and is closed once idle. Same tokenizer and context only."""
-        if not self._reloading.acquire(blocking=False):
-            raise ApiError(409, "a reload is already running", code="reload_in_progress")
-        try:
-            live = self.engine
-            path = workdir or (str(live.workdir.path) if live.workdir else None)
-            if path is None:
-                raise ApiError(400, "name the run directory to load ('workdir')", "workdir")
-            try:
-                new = ChatEngine.from_workdir(path, step, num_slots=live.engine.num_slots)
-            except LmjaxError as e:
-                raise ApiError(400, f"cannot load {path}: {e}", "workdir", "bad_run") from None
-            if new.tokenizer.fingerprint != self.tokenizer.fingerprint or new.context != self.context:
-                raise ApiError(400, f"{path} has another tokenizer or context than the live run; start a new server "
-                               "for it", "workdir", "incompatible_run")
-            new.start(warmup=True)
-            self.engine = new
-            retire = threading.Thread(target=_retire, args=(live, self._closing), daemon=True, name="lmjax-retire")
-            self._retiring.append(retire)
-            retire.start()
-            log.info("reloaded: %s step %s is live", path, new.step)
-            return self._model_card()
-        finally:
-            self._reloading.release()
+        """Makes `workdir` (default: the live run's) at `step` live (`LiveEngine.replace`); its model card."""
+        new = self.live.replace(workdir, step)
+        log.info("reloaded: %s step %s is live", new.workdir.path, new.step)
+        return self._model_card()
 
     @staticmethod
     def _rate(admit: Callable, *args) -> None:
@@ -454,16 +432,6 @@ class Api:
                 raise ApiError(400, "the edited reply is empty", "edited")
             await asyncio.to_thread(self.feedback.edit, reply, body.edited)
         return {"id": body.id, "choice": body.choice, "stored": True}
-
-
-def _retire(engine: ChatEngine, closing: threading.Event, grace: float = 1.0) -> None:
-    """Closes a replaced engine once it has had no work for `grace` seconds (requests that picked it just
-    before the switch still get submitted and served), or at once when the server shuts down (`closing`)."""
-    idle_since = time.monotonic()
-    while time.monotonic() - idle_since < grace and not closing.wait(0.1):
-        if engine.engine.has_work():
-            idle_since = time.monotonic()
-    engine.close()
 
 
 def create_app(engine: ChatEngine, settings: ServeSettings, feedback: FeedbackStore | None = None,
