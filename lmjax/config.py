@@ -83,13 +83,14 @@ def base_config() -> ConfigDict:
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps in total
+    t.schedule_steps = 0  # length of the lr schedule; 0: train.steps, recorded at the first start (extending keeps it)
     t.batch_size = 16  # global batch in sequences per optimizer step (all processes, all micro-batches)
     t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
     t.lr = 1e-3  # peak learning rate
     t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
     t.warmup_steps = 100  # linear warm-up from 0 to the peak
     t.decay = "cosine"  # after warm-up: "cosine", "linear", "constant" or "wsd" (constant, then linear in the cooldown)
-    t.cooldown_fraction = 0.2  # wsd: share of train.steps spent decaying linearly to lr * min_lr_ratio at the end
+    t.cooldown_fraction = 0.2  # wsd: share of the schedule spent decaying linearly to lr * min_lr_ratio at the end
     t.optimizer = "adamw"  # "adamw", or "muon" (optax's Muon on hidden matrices, AdamW on embeddings, head, norms)
     t.muon_momentum = 0.95  # muon: momentum of the orthogonalised update (Nesterov)
     t.muon_ns_steps = 5  # muon: Newton-Schulz iterations per update (fewer: cheaper, less orthogonal)
@@ -310,6 +311,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _check(m.attention in ATTENTION_IMPLEMENTATIONS, f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
            f"got {m.attention!r}")
     _check(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _check(t.schedule_steps >= 0, f"train.schedule_steps must be >= 0, got {t.schedule_steps}")
     _check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.grad_accum ({t.grad_accum})")
     _check(t.decay in DECAYS, f"train.decay must be one of {DECAYS}, got {t.decay!r}")

@@ -15,7 +15,7 @@ from lmjax.config import ConfigError
 from lmjax.input.loaders import Loaders
 from lmjax.model.params import abstract_model
 from lmjax.run.checkpoint import Checkpointer
-from lmjax.run.workdir import Workdir
+from lmjax.run.workdir import Workdir, read_metrics
 from lmjax.train import loop
 from lmjax.train.optim import make_optimizer
 from lmjax.train.step import init_state
@@ -50,7 +50,7 @@ def test_resume_refuses_config_changes_and_names_them(trained_run, tmp_path):
     assert Workdir(workdir).config_path.read_text() == before  # a refused resume changes nothing
 
 
-def test_resume_may_change_steps_and_schedule_of_logging(trained_run, tmp_path):
+def test_resume_may_change_steps_and_schedule_of_logging_and_keeps_the_lr_schedule(trained_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained_run[0], workdir)
     result = loop.train(tiny_config("train.steps=26", "train.log_every=1", "train.eval_every=0",
@@ -58,6 +58,13 @@ def test_resume_may_change_steps_and_schedule_of_logging(trained_run, tmp_path):
     assert result["step"] == 26
     saved = Workdir(workdir).load_config()
     assert saved.train.steps == 26 and saved.model.vocab_size == 512 and saved.data.loaders == 1
+    # The cosine schedule keeps the 24 steps it started with: the extra steps run at its floor, not back up it.
+    assert saved.train.schedule_steps == 24
+    floor = saved.train.lr * saved.train.min_lr_ratio
+    lrs = {r["step"]: r["lr"] for r in read_metrics(Workdir(workdir).metrics_path) if "lr" in r}
+    assert lrs[25] == pytest.approx(floor) and lrs[26] == pytest.approx(floor)
+    with pytest.raises(ConfigError, match=r"train.schedule_steps 24 -> 30"):
+        loop.train(tiny_config("train.steps=30", "train.schedule_steps=30"), workdir)
 
 
 def test_optimizer_state_has_one_structure_with_and_without_clipping():

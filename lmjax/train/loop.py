@@ -67,7 +67,8 @@ RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_e
              "train.samples", "train.peak_tflops", "train.compile_cache", "tokenizer.path", "mesh.*")
 # Knobs whose default means "decided at the first start" (then recorded): a resume that leaves them at the
 # default keeps the recorded value.
-DECIDED_AT_START = {"model.dtype": "auto", "model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1}
+DECIDED_AT_START = {"model.dtype": "auto", "model.vocab_size": 0, "data.loaders": 0, "init_from_step": -1,
+                    "train.schedule_steps": 0}
 
 
 def resume_config(cfg: ConfigDict, wd: Workdir) -> ConfigDict:
@@ -170,6 +171,11 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
     tokenizer = load_or_train_tokenizer(cfg, wd)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
+    if t_cfg.schedule_steps == 0:
+        t_cfg.schedule_steps = t_cfg.steps
+    elif t_cfg.steps > t_cfg.schedule_steps:
+        log(f"train.steps {t_cfg.steps} > train.schedule_steps {t_cfg.schedule_steps}: the learning rate stays at "
+            f"its final value after step {t_cfg.schedule_steps} (start a new run with init_from for a new schedule)")
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < tokenizer vocabulary {tokenizer.vocab_size}")
     if jax.process_index() == 0:

@@ -18,17 +18,19 @@ MUON_AXES = {
 
 def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
     """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, constant, or "wsd": constant
-    until the last `cooldown_fraction` of the steps, then linear to `lr * min_lr_ratio`."""
+    until the last `cooldown_fraction` of the steps, then linear to `lr * min_lr_ratio`. The schedule lasts
+    `schedule_steps` (`steps` when 0) and holds its last value after that."""
     t = train_cfg
-    warmup = min(t.warmup_steps, t.steps)
+    length = t.schedule_steps or t.steps
+    warmup = min(t.warmup_steps, length)
     peak, end = t.lr, t.lr * t.min_lr_ratio
-    decay_steps = max(t.steps - warmup, 1)
+    decay_steps = max(length - warmup, 1)
     if t.decay == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=t.min_lr_ratio)
     elif t.decay == "linear":
         decay = optax.linear_schedule(peak, end, decay_steps)
     elif t.decay == "wsd":
-        cooldown = min(round(t.cooldown_fraction * t.steps), decay_steps)
+        cooldown = min(round(t.cooldown_fraction * length), decay_steps)
         decay = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, cooldown)],
                                      [decay_steps - cooldown])
     else:
