@@ -275,15 +275,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Checks values that would otherwise fail deep inside JAX; returns `cfg` unchanged."""
-    base = base_config()
-    for group in base:
-        if group not in cfg:
-            raise ConfigError(f"config has no {group!r} group")
-        if not isinstance(base[group], ConfigDict):
-            continue
-        extra = set(cfg[group].keys()) - set(base[group].keys())
-        if extra and group not in ("mesh",):
-            raise ConfigError(f"unknown keys in config group {group!r}: {sorted(extra)}")
+    _check_keys(cfg, base_config(), "")
     m, t = cfg.model, cfg.train
     _check(m.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {m.family!r}")
     _check(m.dtype in (*DTYPES, "auto"), f"model.dtype must be auto or one of {DTYPES}, got {m.dtype!r}")
@@ -346,10 +338,24 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     return cfg
 
 
+# Groups whose keys are the user's to choose: the logical axis names that sharding rules map to mesh axes.
+OPEN_GROUPS = ("mesh.rules",)
+
+
+def _check_keys(cfg: ConfigDict, base: ConfigDict, prefix: str) -> None:
+    """Refuses a missing group and an unknown key at any depth (a misspelt knob would otherwise be ignored)."""
+    where = f"config group {prefix[:-1]!r}" if prefix else "config"
+    extra = set(cfg.keys()) - set(base.keys())
+    _check(not extra, f"unknown keys in {where}: {sorted(extra)}")
+    for key, value in base.items():
+        _check(key in cfg, f"{where} has no {key!r}")
+        if isinstance(value, ConfigDict) and prefix + key not in OPEN_GROUPS:
+            _check(isinstance(cfg[key], ConfigDict), f"{prefix}{key} must be a group of knobs, got {cfg[key]!r}")
+            _check_keys(cfg[key], value, f"{prefix}{key}.")
+
+
 def _validate_adversarial(cfg: ConfigDict) -> None:
     a = cfg.train.adversarial
-    extra = set(a.keys()) - set(base_config().train.adversarial.keys())
-    _check(not extra, f"unknown keys in config group 'train.adversarial': {sorted(extra)}")
     _check(a.method in ADVERSARIAL_METHODS, f"train.adversarial.method must be one of {ADVERSARIAL_METHODS}, "
                                             f"got {a.method!r}")
     _check(a.norm in ("l2", "linf"), f"train.adversarial.norm must be l2|linf, got {a.norm!r}")
@@ -365,8 +371,6 @@ def _validate_adversarial(cfg: ConfigDict) -> None:
 
 def _validate_lora(cfg: ConfigDict) -> None:
     o = cfg.train.lora
-    extra = set(o.keys()) - set(base_config().train.lora.keys())
-    _check(not extra, f"unknown keys in config group 'train.lora': {sorted(extra)}")
     _check(o.rank >= 0, f"train.lora.rank must be >= 0 (0 = off), got {o.rank}")
     _check(o.alpha > 0, f"train.lora.alpha must be positive, got {o.alpha}")
     _check(0.0 <= o.dropout < 1.0, f"train.lora.dropout must be in [0, 1), got {o.dropout}")

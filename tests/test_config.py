@@ -73,3 +73,18 @@ def test_bad_config_file(tmp_path):
     bad.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ConfigError, match="boom"):
         load_config(bad)
+
+
+def test_a_misspelt_knob_in_a_config_file_is_refused_at_any_depth(tmp_path):
+    """A config file can add keys that `--config` overrides cannot: each one is caught, however deep."""
+    for where, line in [("config group 'train.adversarial'", "c.train.adversarial.metod = 'pgd'"),
+                        ("config group 'model'", "c.model.rope_scalling = 'llama3'"),
+                        ("config", "c.trian = 1")]:
+        path = tmp_path / "typo.py"
+        path.write_text("from lmjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+                        f"    {line}\n    return c\n")
+        with pytest.raises(ConfigError, match=f"unknown keys in {where}"):
+            validate(load_config(path))
+    cfg = base_config()
+    cfg.mesh.rules["experts"] = "fsdp"  # logical axis names are the user's to choose
+    validate(cfg)
