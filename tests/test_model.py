@@ -47,6 +47,19 @@ def test_changing_a_future_token_never_changes_past_logits(model):
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
 
+def test_logits_at_one_position_per_row_equal_those_of_the_full_forward(model):
+    """What a prefill asks for: only the logits after each prompt's last token, the [B, T, V] never built."""
+    cfg, params, _, forward = model
+    graphdef, _, _ = abstract_model(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 16), 0, cfg.vocab_size)
+    pos, seg = jnp.broadcast_to(jnp.arange(16), (3, 16)), jnp.ones((3, 16), jnp.int32)
+    at = jnp.array([15, 0, 6])
+    picked, _ = nnx.merge(graphdef, params)(tokens, pos, seg, logits_at=at)
+    full = forward(params, tokens, pos, seg)
+    assert picked.shape == (3, 1, full.shape[2])
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(3), at], rtol=1e-5, atol=1e-5)
+
+
 def test_packed_documents_do_not_attend_to_each_other(model):
     cfg, params, _, forward = model
     doc1 = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, cfg.vocab_size)

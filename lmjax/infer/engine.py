@@ -112,8 +112,8 @@ def prefill_slot(params: Params, cache: dict, slot: jax.Array, tokens: jax.Array
     Returns ((first sampled token, its logprob, top ids, top logprobs), and with `prompt_logprobs` the same
     three for every prompt position's next prompt token [P - 1]) and the cache."""
     logits, fresh = prefill_logits(params, tokens[None], length[None], init_cache(cfg, 1, tokens.shape[0]),
-                                   graphdef=graphdef)
-    last = logits[0, length - 1]
+                                   graphdef=graphdef, every_position=prompt_logprobs)
+    last = logits[0, length - 1] if prompt_logprobs else logits[0]
     rng = row_key(jax.random.fold_in(jax.random.PRNGKey(seed), 0), 0)
     token = sample_rows(last[None], rng[None], temperature[None], top_k[None], top_p[None])[0]
     out = (token, *_logprobs(last, token))

@@ -79,20 +79,21 @@ def row_key(step_key: jax.Array, row: jax.Array) -> jax.Array:
 
 
 def prefill_logits(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
-                   graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
+                   graphdef: nnx.GraphDef, every_position: bool = True) -> tuple[jax.Array, dict]:
     """Runs right-padded prompts [B, P] of `lengths` [B] tokens into an empty cache; returns the logits at
-    every position [B, P, V] and the cache, each row's index at the end of its prompt."""
+    every position [B, P, V] (or, without `every_position`, only after each prompt's last token [B, V]) and
+    the cache, each row's index at the end of its prompt."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     valid = positions < lengths[:, None]
-    logits, cache = nnx.merge(graphdef, params)(tokens, positions, valid.astype(jnp.int32), cache=cache)
-    return logits, {**cache, "index": lengths}
+    logits, cache = nnx.merge(graphdef, params)(tokens, positions, valid.astype(jnp.int32), cache=cache,
+                                                logits_at=None if every_position else lengths - 1)
+    return (logits if every_position else logits[:, 0]), {**cache, "index": lengths}
 
 
 def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: dict, *,
             graphdef: nnx.GraphDef) -> tuple[jax.Array, dict]:
-    """`prefill_logits`, keeping only the logits after each prompt's last token [B, V]."""
-    logits, cache = prefill_logits(params, tokens, lengths, cache, graphdef=graphdef)
-    return logits[jnp.arange(tokens.shape[0]), lengths - 1], cache
+    """`prefill_logits` of each prompt's last token only [B, V]."""
+    return prefill_logits(params, tokens, lengths, cache, graphdef=graphdef, every_position=False)
 
 
 def decode(params: Params, token: jax.Array, cache: dict, rng: jax.Array, temperature: jax.Array,

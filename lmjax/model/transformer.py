@@ -95,9 +95,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
                  dropout_rng: jax.Array | None = None, cache: dict | None = None,
-                 embed_delta: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                 embed_delta: jax.Array | None = None,
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """tokens, positions, segment_ids: [B, T] int32 -> (logits [B, T, V] float32, updated cache).
-        V is the padded vocabulary; the logits of the padding ids are `MASKED_LOGIT`.
+        V is the padded vocabulary; the logits of the padding ids are `MASKED_LOGIT`. With `logits_at` [B], only
+        the logits at position `logits_at[b]` of each row are computed: [B, 1, V] (a prefill needs just the last
+        prompt token's, and the full [B, T, V] would dwarf the activations for a large vocabulary).
 
         `dropout_rng` turns dropout on (training). `embed_delta` [B, T, D] is added to the token embeddings
         (adversarial training and robustness evaluation perturb there, lmjax/model/perturb.py).
@@ -124,6 +127,8 @@ class Transformer(nnx.Module):
             x = self._train_blocks(x, positions, segment_ids, layer_rngs)
         else:
             x, new_cache = self._decode_blocks(x, positions, segment_ids, layer_rngs, cache)
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = head_logits(x, self.embed, "btd,vd->btv", self.dtype)
