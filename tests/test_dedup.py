@@ -63,17 +63,18 @@ def test_exact_normalisation():
     assert exact_key("hello world") != exact_key("hello, world")
     assert len(exact_key("x")) == 16
     exact = ExactDedup()
-    assert exact.filter_batch(["The cat", "the  CAT", "The dog", "the cat\n"]) == [True, False, True, False]
+    texts = ["The cat", "the  CAT", "The dog", "the cat\n"]
+    assert [exact.is_duplicate(t) for t in texts] == [False, True, False, True]
     assert len(exact) == 2
 
 
 def test_exact_save_load(tmp_path):
     exact = ExactDedup()
-    exact.filter_batch(["a", "b", "c"])
+    assert not any(exact.is_duplicate(t) for t in ["a", "b", "c"])
     exact.save(tmp_path / "exact.npz")
     loaded = ExactDedup.load(tmp_path / "exact.npz")
     assert len(loaded) == 3
-    assert loaded.filter_batch(["A", "d", "b", "d"]) == [False, True, False, False]
+    assert [loaded.is_duplicate(t) for t in ["A", "d", "b", "d"]] == [True, False, True, True]
 
 
 def test_signatures_shape_seed_and_similarity():
@@ -144,15 +145,13 @@ def test_decontamination(tmp_path):
     dec = Decontaminator([question, "too short"], ngram=13)
     assert len(dec) == len(question.split()) - 12
     leaked = "Trivia: what is the BOILING point of water at sea-level in degrees celsius assuming standard. Answer 100"
-    assert dec.contaminated(leaked)
-    assert not dec.contaminated("the boiling point of water at sea level in degrees Celsius assuming")  # 12 words
-    assert not dec.contaminated("too short")
-    assert dec.filter_batch([leaked, "unrelated text"]) == [False, True]
+    twelve_words = "the boiling point of water at sea level in degrees Celsius assuming"
+    assert dec.filter_batch([leaked, twelve_words, "too short", "unrelated text"]) == [False, True, True, True]
 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "a.jsonl").write_text('{"question": "' + question + '", "answer": "100"}\n')
     (tmp_path / "b.txt").write_text("nothing to see here")
     from_files = Decontaminator.from_globs(f"{tmp_path}/eval/*.jsonl, {tmp_path}/b.txt", ngram=13)
-    assert from_files.contaminated(leaked) and not from_files.contaminated("nothing to see here")
+    assert from_files.filter_batch([leaked, "nothing to see here"]) == [False, True]
     with pytest.raises(ValueError, match="matches no file"):
         Decontaminator.from_globs(f"{tmp_path}/missing/*.txt")

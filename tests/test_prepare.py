@@ -22,6 +22,9 @@ WORDS = ("parser reads each line input file splits fields returns list records e
          "string integer buffer stream socket thread queue timeout encoding format result option").split()
 
 
+EVAL_QUESTION = "Which standard library module parses command line options into a namespace of typed values?"
+
+
 def _doc(i: int) -> str:
     """A distinct, well-formed document (sentences of random words, seeded by `i`)."""
     rng = random.Random(i)
@@ -44,6 +47,7 @@ def messy(tmp_path_factory):
         '{"text": "broken',  # broken JSON
         json.dumps({"body": "no text field"}),  # missing field
         json.dumps({"text": 42}),  # wrong type
+        json.dumps({"text": EVAL_QUESTION + " " + _doc(52)}),  # holds an evaluation question
     ]
     (root / "a.jsonl").write_text("\n".join(lines) + "\n")
     (root / "latin1.txt").write_bytes((_doc(60) + " Café olé.").encode("latin-1"))
@@ -80,6 +84,18 @@ def test_card_accounts_for_every_document(prepared):
     assert (out / "card.md").read_text().startswith("# Data card") and (out / "doc_lengths.png").stat().st_size
     assert card["demographics"]["sentences"] > 0 and "## Gendered words" in (out / "card.md").read_text()
     assert json.loads((out / "card.json").read_text()) == card
+
+
+def test_documents_holding_evaluation_text_are_removed(messy, tmp_path):
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "questions.jsonl").write_text(json.dumps({"question": EVAL_QUESTION, "answer": "argparse"}) + "\n")
+    cfg = _cfg(messy[0], val_fraction=0.0)
+    cfg.dedup.decontaminate.files = f"{evals}/*.jsonl"
+    card = prepare(cfg, tmp_path / "out", log=lambda _: None)
+    assert card["removed"]["decontaminated"]["count"] == 1
+    assert EVAL_QUESTION in card["removed"]["decontaminated"]["examples"][0]["text"]
+    assert not any(EVAL_QUESTION in doc for doc in read_documents(str(tmp_path / "out")))
 
 
 def test_bad_text_files_are_counted_and_skipped(messy, tmp_path):

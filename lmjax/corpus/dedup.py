@@ -99,10 +99,6 @@ class ExactDedup:
         self._seen.add(key)
         return False
 
-    def filter_batch(self, texts: Iterable[str]) -> list[bool]:
-        """True = keep (first occurrence), in order."""
-        return [not self.is_duplicate(t) for t in texts]
-
     def __len__(self) -> int:
         return len(self._seen)
 
@@ -308,10 +304,6 @@ class Decontaminator:
     def __len__(self) -> int:
         """Number of distinct evaluation n-grams."""
         return len(self._grams)
-
-    def contaminated(self, text: str) -> bool:
-        """True if `text` contains a word n-gram of the evaluation texts."""
-        return not self.filter_batch([text])[0]
 
     def filter_batch(self, texts: Sequence[str]) -> list[bool]:
         """True = keep (not contaminated), in order; vectorised over the batch."""

@@ -228,17 +228,24 @@ def prepare(cfg: ConfigDict, out: str | Path, log=print) -> dict:
 
 
 def _dedup_and_write(cfg, out, chunk, cleaned, progress, exact, near, decontaminator) -> None:
-    """Dedup in input order, split and write this chunk's shards; updates `progress`."""
-    survivors = []
+    """Dedup in input order (exact, then decontamination over the chunk at once, then near-duplicates), split
+    and write this chunk's shards; updates `progress`."""
+    candidates = []
     for record, (text, reason, pii) in zip(chunk, cleaned, strict=True):
         progress.sources[record.source] += 1
         progress.bytes_in += len(record.text.encode("utf-8"))
         if reason is None and exact is not None and exact.is_duplicate(text):
             reason = "exact_duplicate"
-        if reason is None and decontaminator is not None and decontaminator.contaminated(text):
-            reason = "decontaminated"
         if reason is not None:
             progress.remove(reason, record.ident, record.text, cfg.examples)
+            continue
+        candidates.append((record, text, pii))
+    texts = [text for _, text, _ in candidates]
+    clean = decontaminator.filter_batch(texts) if decontaminator is not None else [True] * len(texts)
+    survivors = []
+    for (record, text, pii), ok in zip(candidates, clean, strict=True):
+        if not ok:
+            progress.remove("decontaminated", record.ident, record.text, cfg.examples)
             continue
         progress.pii.update(pii)
         survivors.append((record, text))
