@@ -266,6 +266,19 @@ def test_stop_strings_cut_the_text_before_them(sampler):
     assert len(cut[1]) < len(full[1])
 
 
+def test_a_stop_string_far_into_a_long_generation_is_found(sampler):
+    """The stop check decodes only the last tokens each step: a stop string first appearing well past that
+    window still cuts the text exactly where it starts."""
+    full = sampler.generate(PROMPTS, max_new_tokens=48, temperature=0.0)
+    text = full[1]
+    start = next(i for i in range(len(text) // 2, len(text) - 2)
+                 if text[i : i + 2].isalnum() and text.index(text[i : i + 2]) == i)
+    assert len(sampler.tokenizer.encode(text[:start])) > 4 * 2 + 4  # beyond the window of a 2-character stop
+    stop = text[start : start + 2]
+    assert sampler.generate(PROMPTS, max_new_tokens=48, temperature=0.0, stop=[stop]) == [
+        t[: t.index(stop)] if stop in t else t for t in full]
+
+
 def test_prompt_longer_than_the_context_raises(sampler, tokenizer):
     with pytest.raises(ValueError, match=r"prompt is \d+ tokens but the model's context is 64"):
         sampler.generate(["word " * 100])

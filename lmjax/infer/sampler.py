@@ -134,15 +134,39 @@ class Sampler:
                  top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
                  prompt_ids: Sequence[Sequence[int]] | None = None) -> list[str]:
         """Completions of `prompts` (a batch of any lengths), cut at eos, a stop string or max_new_tokens."""
-        last = collections.deque(
-            self.stream(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, prompt_ids), 1)
-        return last[0] if last else [""] * len(prompts if prompt_ids is None else prompt_ids)
+        rows = collections.deque(
+            self._steps(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, prompt_ids), 1)
+        return ([self._text(ids, cut) for ids, cut in rows[0]] if rows
+                else [""] * len(prompts if prompt_ids is None else prompt_ids))
 
     def stream(self, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
                prompt_ids: Sequence[Sequence[int]] | None = None) -> Iterator[list[str]]:
         """Yields the completions so far after every decoded token. `prompt_ids` (already tokenized,
         e.g. a chat template) replaces `prompts` when given."""
+        for rows in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, prompt_ids):
+            yield [self._text(ids, cut) for ids, cut in rows]
+
+    def _text(self, ids: list[int], cut: int | None) -> str:
+        return self.tokenizer.decode(ids)[:cut]
+
+    def _stop_at(self, ids: list[int], stop: Sequence[str]) -> int | None:
+        """Where the text of `ids` ends if a stop string has just appeared in it, else None. Only the last
+        tokens are decoded each step, enough to hold the longest stop string even at 4 byte tokens a
+        character (so a generation costs O(n), not O(n²)); the whole text is decoded once, on a hit."""
+        window = 4 * max(map(len, stop)) + 4
+        tail = self.tokenizer.decode(ids[-window:])
+        if not any(s in tail for s in stop):
+            return None
+        text = self.tokenizer.decode(ids)
+        return min((text.index(s) for s in stop if s in text), default=None)
+
+    def _steps(self, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+               stop: Sequence[str], seed: int,
+               prompt_ids: Sequence[Sequence[int]] | None) -> Iterator[list[tuple[list[int], int | None]]]:
+        """After every decoded token, each row's generated ids (without eos; the live lists, so read them before
+        the next step) and where its text ends (None: at its end; set once a stop string appears)."""
+        stop = [s for s in stop if s]
         ids = [list(p) for p in prompt_ids] if prompt_ids is not None else [
             [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
         batch, longest = len(ids), max(len(p) for p in ids)
@@ -162,11 +186,12 @@ class Sampler:
         token = self._sample(logits, step_keys[0], *settings)
         stop_ids = set(self.tokenizer.stop_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]
-        texts, done = [""] * batch, [False] * batch
+        cuts: list[int | None] = [None] * batch
+        done = [False] * batch
         for step in range(max_new_tokens):
             last_step = step == max_new_tokens - 1
             if not last_step:
-                # Queue the next step before reading this one: the device decodes while the host makes text.
+                # Queue the next step before reading this one: the device decodes while the host checks stops.
                 next_token, cache = self._decode(self.params, token, cache, step_keys[step + 1], *settings)
             host_token = jax.device_get(token)
             for row in range(batch):
@@ -176,11 +201,9 @@ class Sampler:
                     done[row] = True
                     continue
                 generated[row].append(int(host_token[row]))
-                texts[row] = self.tokenizer.decode(generated[row])
-                for s in stop:
-                    if s and s in texts[row]:
-                        texts[row], done[row] = texts[row][: texts[row].index(s)], True
-            yield list(texts)
+                if stop and (cut := self._stop_at(generated[row], stop)) is not None:
+                    cuts[row], done[row] = cut, True
+            yield list(zip(generated, cuts, strict=True))
             if all(done) or last_step:
                 break
             token = next_token
