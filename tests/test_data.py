@@ -12,6 +12,8 @@ from lmjax.corpus import stdlib_docs as stdlib_corpus
 from lmjax.corpus.sources import VAL_MIN_CHARS, read_documents, split_train_val
 from lmjax.input.chunks import tokenize_documents
 from lmjax.input.packing import eval_batches, train_iterator
+from lmjax.run.workdir import read_metrics
+from lmjax.text.io import read_jsonl
 from lmjax.text.tokenizer import (
     BYTE_PIECES,
     FORMAT,
@@ -145,6 +147,17 @@ def test_jsonl_source(tmp_path):
     assert f"{path}:2" in messages[0] and f"{path}:3" in messages[1] and f"{path}:6" in messages[2]
     with pytest.warns(UserWarning):
         assert list(read_documents(f"jsonl:{tmp_path}/*.jsonl:body")) == ["b"]
+
+
+def test_the_jsonl_reader_names_a_bad_line_or_skips_a_torn_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    # A run killed mid-write, then resumed: its torn line has the next record appended to it.
+    path.write_text('{"step": 1}\n{"step": 2, "lo{"step": 2}\n\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
+        list(read_jsonl(path))
+    assert [where for where, _ in read_jsonl(path, skip_invalid=True)] == [f"{path}:1", f"{path}:4"]
+    assert read_metrics(path) == [{"step": 1}, {"step": 3}]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
 
 
 def test_jsonl_without_usable_lines(tmp_path):

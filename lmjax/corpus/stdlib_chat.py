@@ -15,7 +15,6 @@ Point `build_chat_dataset` at your own packages to make a dataset about them.
 """
 
 import inspect
-import json
 import random
 import re
 import sys
@@ -54,7 +53,7 @@ from lmjax.corpus.stdlib_facts import (
     stdlib_modules,
 )
 from lmjax.text.chat_template import Message, check_conversation, write_conversations
-from lmjax.text.io import atomic_write, hash_unit
+from lmjax.text.io import hash_unit, read_jsonl, write_jsonl
 
 CHAT_CORPUS_VERSION = 6  # bump when generation rules change, to invalidate caches
 MAX_CONVERSATION_CHARS = 640
@@ -236,13 +235,11 @@ def _cache_path(heldout_fraction: float, seed: int, max_per_module: int) -> Path
 def _read_cache(path: Path) -> dict[str, list[Conversation]] | None:
     try:
         split: dict[str, list[Conversation]] = {"train": [], "heldout": []}
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                check_conversation(record["messages"], str(path))
-                split[record["split"]].append(record["messages"])
+        for where, record in read_jsonl(path):
+            check_conversation(record["messages"], where)
+            split[record["split"]].append(record["messages"])
         return split if split["train"] else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # DataError is a ValueError: regenerate
         return None
 
 
@@ -261,9 +258,8 @@ def build_chat_dataset(modules: Sequence[str] | None = None, heldout_fraction: f
     if (cached := _read_cache(path)) is not None:
         return cached
     split = generate_chat_dataset(stdlib_modules(), heldout_fraction, seed, max_per_module)
-    lines = [json.dumps({"split": s, "messages": c}, ensure_ascii=False) for s, cs in split.items() for c in cs]
     try:
-        atomic_write(path, "\n".join(lines) + "\n")
+        write_jsonl(({"split": s, "messages": c} for s, cs in split.items() for c in cs), path)
     except OSError as e:
         warnings.warn(f"could not cache the chat dataset at {path}: {e}", stacklevel=2)
     return split

@@ -9,13 +9,12 @@
     samples.txt         samples drawn at the end of training
 """
 
-import json
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError, LmjaxError, config_from_json
-from lmjax.text.io import atomic_write
+from lmjax.text.io import atomic_write, read_jsonl
 from lmjax.text.tokenizer import has_tokenizer
 
 
@@ -70,10 +69,4 @@ def read_metrics(jsonl_path: Path) -> list[dict]:
     """Records of metrics.jsonl (a torn last line from a killed run is ignored)."""
     if not jsonl_path.exists():
         return []
-    records = []
-    for line in jsonl_path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return [record for _, record in read_jsonl(jsonl_path, skip_invalid=True)]

@@ -67,17 +67,21 @@ def hash_unit(text: str) -> float:
                           "big") / 2**64
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed record) per non-blank line; a line that is not JSON raises `DataError` naming it."""
+def read_jsonl(path: str | Path, skip_invalid: bool = False) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed record) per non-blank line; a line that is not JSON raises `DataError` naming it, or
+    with `skip_invalid` is skipped (a log a killed process was appending to: its torn line)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
+                if skip_invalid:
+                    continue
                 raise DataError(f"{where}: not valid JSON ({e})") from None
+            yield where, record
 
 
 def write_jsonl(records, path: str | Path) -> None:
