@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from lmjax.config import MESH_AXES, ConfigError
-from lmjax.parallel.rules import DroppedAxis, resolve_spec
+from lmjax.parallel.rules import DroppedAxis, path_names, resolve_spec
 
 
 def mesh_shape(mesh_cfg: ConfigDict, num_devices: int) -> dict[str, int]:
@@ -46,7 +46,7 @@ def batch_shards(rules: dict[str, str], sizes: dict[str, int]) -> int:
 
 
 def _path_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return ".".join(path_names(path))
 
 
 def dropped_shardings(shapes, axes, rules: Mapping[str, str],

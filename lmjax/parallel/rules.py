@@ -101,11 +101,9 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, rules, axes, x.shape))
 
 
-def _key_name(key) -> object:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return str(key)
+def path_names(path) -> tuple[str, ...]:
+    """The names along a pytree key path: dict keys, attribute names and sequence indices, as strings."""
+    return tuple(jax.tree_util.keystr((key,), simple=True, separator="") for key in path)
 
 
 def tree_specs(mesh_shape: Mapping[str, int], rules: Mapping[str, str], tree, param_axes) -> object:
@@ -113,14 +111,14 @@ def tree_specs(mesh_shape: Mapping[str, int], rules: Mapping[str, str], tree, pa
     state): a leaf whose key path ends with a parameter's path and has its rank is laid out like that
     parameter; everything else (step counters, RNG) is replicated."""
     axes_by_path = {
-        tuple(_key_name(k) for k in path): axes
+        path_names(path): axes
         for path, axes in jax.tree_util.tree_flatten_with_path(
             param_axes, is_leaf=lambda x: isinstance(x, tuple))[0]
     }
     longest = max((len(p) for p in axes_by_path), default=0)
 
     def spec(path, leaf):
-        names = tuple(_key_name(k) for k in path)
+        names = path_names(path)
         for n in range(min(longest, len(names)), 0, -1):
             axes = axes_by_path.get(names[-n:])
             if axes is not None and len(axes) == len(leaf.shape):

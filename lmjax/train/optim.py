@@ -5,6 +5,8 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from lmjax.parallel.rules import path_names
+
 # Muon's view of each hidden matrix, by parameter name: (reduction axes, output axes) of `x @ W`. Attention's
 # [D, H, hd] and [H, hd, D] weights are orthogonalised as the [D, H*hd] and [H*hd, D] matrices they are.
 # Counted from the end, so the leading layer axis of scanned blocks (`model.scan_layers`) is a batch axis:
@@ -39,7 +41,7 @@ def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
 
 
 def _name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
+    return path_names(path)[-1]
 
 
 def decay_mask(params):
@@ -53,7 +55,7 @@ def muon_dimensions(params):
     embeddings, the output head, norms and biases."""
 
     def dims(path, _):
-        keys = [str(getattr(k, "key", k)) for k in path]
+        keys = path_names(path)
         if "blocks" not in keys or _name(path) not in MUON_AXES:
             return None
         reduction, output = MUON_AXES[_name(path)]
