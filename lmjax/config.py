@@ -88,7 +88,7 @@ def base_config() -> ConfigDict:
     t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
     t.lr = 1e-3  # peak learning rate
     t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
-    t.warmup_steps = 100  # linear warm-up from 0 to the peak
+    t.warmup_steps = 100  # linear warm-up to the peak, from peak / (warmup_steps + 1) at the first step
     t.decay = "cosine"  # after warm-up: "cosine", "linear", "constant" or "wsd" (constant, then linear in the cooldown)
     t.cooldown_fraction = 0.2  # wsd: share of the schedule spent decaying linearly to lr * min_lr_ratio at the end
     t.optimizer = "adamw"  # "adamw", or "muon" (optax's Muon on hidden matrices, AdamW on embeddings, head, norms)

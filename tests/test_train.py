@@ -16,6 +16,7 @@ from conftest import tiny_config, tiny_overrides, xla_cache_env
 from lmjax.cli import main
 from lmjax.config import ConfigError, validate
 from lmjax.model.params import abstract_model, init_params
+from lmjax.parallel.rules import path_names
 from lmjax.run.checkpoint import Checkpointer
 from lmjax.run.workdir import Workdir
 from lmjax.train.loop import train
@@ -41,7 +42,7 @@ def config_args(*overrides: str) -> list[str]:
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = tiny_config("train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1").train
     lr = lr_schedule(cfg)
-    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(0)) == pytest.approx(1 / 11) and float(lr(10)) == pytest.approx(1.0)  # no step at lr 0
     assert float(lr(55)) < 1.0 and float(lr(100)) == pytest.approx(0.1)
 
 
@@ -78,8 +79,14 @@ def test_gradient_accumulation_matches_one_big_batch():
     s4, m4 = step(state, split)
     assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
     assert float(m1["tokens"]) == 8 * 11
-    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"]), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Compare the gradients, through Adam's first moment (0.1 g after one step): the first update itself is
+    # ~lr * sign(g), which flips with the summation order wherever g is ~0.
+    first_moments = lambda s: [x for path, x in jax.tree_util.tree_flatten_with_path(s["opt_state"])[0]
+                               if "mu" in path_names(path)]
+    pairs = list(zip(first_moments(s1), first_moments(s4), strict=True))
+    assert pairs
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, atol=1e-8)
 
 
 def test_training_run_writes_metrics_plot_checkpoints_and_samples(trained_run):
@@ -248,7 +255,7 @@ def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
     cfg = tiny_config("train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1",
                       "train.decay=wsd", "train.cooldown_fraction=0.2").train
     lr = lr_schedule(cfg)
-    assert float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == float(lr(79)) == pytest.approx(1.0)
+    assert float(lr(5)) == pytest.approx(6 / 11) and float(lr(10)) == float(lr(79)) == pytest.approx(1.0)
     assert float(lr(90)) == pytest.approx(0.55) and float(lr(100)) == pytest.approx(0.1)
 
 

@@ -19,9 +19,9 @@ MUON_AXES = {
 
 
 def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
-    """Linear warm-up to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, constant, or "wsd": constant
-    until the last `cooldown_fraction` of the steps, then linear to `lr * min_lr_ratio`. The schedule lasts
-    `schedule_steps` (`steps` when 0) and holds its last value after that."""
+    """Linear warm-up from `lr / (warmup_steps + 1)` to `lr`, then cosine / linear decay to `lr * min_lr_ratio`,
+    constant, or "wsd": constant until the last `cooldown_fraction` of the steps, then linear to
+    `lr * min_lr_ratio`. The schedule lasts `schedule_steps` (`steps` when 0) and holds its last value after."""
     t = train_cfg
     length = t.schedule_steps or t.steps
     warmup = min(t.warmup_steps, length)
@@ -37,7 +37,8 @@ def lr_schedule(train_cfg: ConfigDict) -> optax.Schedule:
                                      [decay_steps - cooldown])
     else:
         decay = optax.constant_schedule(peak)
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+    # Warm-up as nanoGPT's (step + 1) / (warmup + 1): the first step already moves the weights (from 0 it was lost).
+    return optax.join_schedules([optax.linear_schedule(peak / (warmup + 1), peak, warmup), decay], [warmup])
 
 
 def _name(path) -> str:
