@@ -78,6 +78,14 @@ def test_dpo_raises_held_out_margin_and_accuracy(trained_run, tmp_path):
     assert abs(initial["val_margin"]) < 0.05 and result["val_margin"] > initial["val_margin"] + 1.0
     assert result["val_accuracy"] > max(initial["val_accuracy"], 0.9)
     assert result["val_loss"] < math.log(2)
+    # MFU counts the frozen reference's forward too: 8N of model FLOPs per token, not training's 6N.
+    from lmjax.model.params import abstract_model, flops_per_token
+    from lmjax.run.workdir import Workdir, read_metrics
+
+    cfg = Workdir(tmp_path / "dpo").load_config()
+    record = [r for r in read_metrics(Workdir(tmp_path / "dpo").metrics_path) if "mfu" in r][-1]
+    flops = flops_per_token(cfg.model, abstract_model(cfg.model)[1]) * 4 / 3
+    assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * flops / (cfg.train.peak_tflops * 1e12))
 
 
 def test_feedback_export_round_trip(tmp_path, capsys):

@@ -285,7 +285,7 @@ def run_steps(cfg: ConfigDict, objective: Objective, state, first_step: int, ckp
                     train_loss=float(np.mean([m["loss"] for m in fetched])),
                     grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
                     lr=float(schedule(step - 1)), tokens_per_sec=tok_s,
-                    mfu=tok_s * flops_token / (peak * jax.device_count()),
+                    mfu=tok_s * flops_token * objective.flops_factor / (peak * jax.device_count()),
                     **{f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in ("accuracy", "margin")
                        if k in fetched[0]})
                 eta = (t_cfg.steps - step) * seconds / len(fetched)

@@ -57,6 +57,7 @@ class Objective(NamedTuple):
     describe: Callable  # validation metrics -> one log line
     rows_per_example: int  # sequences per batch example, for tokens/s
     result: dict  # extra entries of train()'s result
+    flops_factor: float = 1.0  # model FLOPs per trained token over training's 6N-and-attention (DPO: + reference)
 
 
 def lm_objective(ctx: RunContext) -> Objective:
@@ -142,7 +143,8 @@ def dpo_objective(ctx: RunContext) -> Objective:
                 f"log-ratio margin {v['val_margin']:.3f}")
 
     return Objective(data_iter, lambda state, batch: step(state, ref_params, batch),
-                     lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {})
+                     lambda params: evaluate_pairs(eval_fn, params, ref_params, val_data), describe, 2, {},
+                     flops_factor=4 / 3)  # each step also runs the frozen reference forward: 2 of training's 6
 
 
 def make_loaders(cfg: ConfigDict, fingerprint: dict, make) -> Loaders:
