@@ -135,3 +135,29 @@ def test_sentencepiece_converted_tokenizer_json(shared_tokenizer, tmp_path):
         assert ours.decode(ours.encode(text)) == text
     assert ours.decode(ours.encode("a\u2581b")) == "a b"
     assert sum(ours.token_bytes()[ours.encode(TEXTS[3])]) == len(TEXTS[3].encode())
+
+
+def test_trimming_a_conversation_fits_a_template_without_a_bos(tmp_path):
+    """Trimming counts what each message adds to the empty conversation: with no bos to subtract (ChatML
+    without a default system prompt), counting "its render minus one bos" undercounts every turn and the
+    kept conversation would overflow the context."""
+    from types import SimpleNamespace
+
+    from hf_fixtures import byte_level_tokenizer
+
+    from lmjax.serve.engine import ChatEngine
+
+    plain = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = load_hf_tokenizer(byte_level_tokenizer(tmp_path / "plain", ["<|endoftext|>", "<|im_start|>",
+                                                                             "<|im_end|>"],
+                                                       {"bos_token": None, "eos_token": "<|im_end|>",
+                                                        "chat_template": plain}))
+    messages = []
+    for i in range(40):
+        messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    messages.append({"role": "user", "content": "last"})
+    engine = SimpleNamespace(tokenizer=tokenizer, context=128, reply_budget=lambda n: n)
+    kept = ChatEngine.trim_to_context(engine, messages, 16)
+    assert kept[-1] == messages[-1] and kept[0]["role"] == "user" and 3 <= len(kept) < len(messages)
+    assert len(encode_chat(kept, tokenizer, add_generation_prompt=True)[0]) <= 128 - 16

@@ -82,9 +82,12 @@ class ChatEngine:
             raise DataError("the conversation must end with a user message")
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
-        # The template's tokens around the turns (bos ... <|assistant|>), then each message's own tokens.
+        # The template's tokens around the turns (a bos, a default system prompt, ... <|assistant|>), then each
+        # message's own tokens: what it adds to the empty conversation. A template that is not additive is
+        # caught by the check at the end.
         frame = len(encode_chat([], self.tokenizer, add_generation_prompt=True)[0])
-        sizes = [len(encode_chat([m], self.tokenizer)[0]) - 1 for m in messages]  # minus the bos
+        empty = len(encode_chat([], self.tokenizer)[0])
+        sizes = [len(encode_chat([m], self.tokenizer)[0]) - empty for m in messages]
         limit = self.context - self.reply_budget(max_new_tokens) - frame
         system_size, turn_sizes = sum(sizes[:len(system)]), sizes[len(system):]
         if turn_sizes[-1] > limit:
@@ -99,7 +102,15 @@ class ChatEngine:
             first -= 1
         while turns[first]["role"] != "user":  # start at a user turn
             first += 1
-        return system + turns[first:]
+        kept = system + turns[first:]
+        room = self.context - self.reply_budget(max_new_tokens)
+        while len(encode_chat(kept, self.tokenizer, add_generation_prompt=True)[0]) > room:
+            later = [i for i, m in enumerate(kept) if i > len(system) and m["role"] == "user"]
+            if not later:
+                raise DataError(f"the conversation does not fit the model's context of {self.context} tokens "
+                                f"with {self.reply_budget(max_new_tokens)} kept for the reply: shorten it")
+            kept = system + kept[later[0]:]
+        return kept
 
     def prompt_ids(self, messages: Sequence[Message], max_new_tokens: int = 128) -> list[int]:
         """Token ids of the (trimmed) conversation, ending with `<|assistant|>`."""
