@@ -59,6 +59,42 @@ def test_pair_rows_mask_only_the_reply_and_batches_are_deterministic(trained_run
     assert sorted(map(bytes, epochs[0])) == sorted(map(bytes, epochs[1]))  # each epoch sees every pair once
 
 
+def test_dpo_step_over_micro_batches_equals_one_batch_with_a_padding_pair(trained_run):
+    """`train.grad_accum` splits a step's pairs into micro-batches: the loss, accuracy and gradient are still
+    means over the step's real pairs (a padding pair, all zeros, counts in none of them)."""
+    import functools
+
+    import jax
+
+    from lmjax.model.params import abstract_model, init_params
+    from lmjax.parallel.rules import path_names
+    from lmjax.train.dpo import dpo_step
+    from lmjax.train.optim import make_optimizer
+    from lmjax.train.step import start_state
+
+    tokenizer = Tokenizer.load(trained_run[0] / "tokenizer")
+    chunks, _ = pair_chunks(_pairs(range(4)), tokenizer, seq_len=64)
+    batch = next(pair_batches(chunks, 64, 4, seed=0))
+    batch = {k: np.concatenate([v[:3], np.zeros_like(v[:1])]) for k, v in batch.items()}  # pair 4 pads
+    cfg = tiny_config("train.lr=1e-2", "train.warmup_steps=0")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    graphdef, _, _ = abstract_model(cfg.model)
+    tx = make_optimizer(cfg.train)
+    state = start_state(init_params(cfg.model, jax.random.PRNGKey(0)), tx, 0)
+    ref = init_params(cfg.model, jax.random.PRNGKey(1))
+    step = jax.jit(functools.partial(dpo_step, graphdef=graphdef, tx=tx, beta=0.1))
+    s1, m1 = step(state, ref, {k: v.reshape(1, 4, -1) for k, v in batch.items()})
+    s2, m2 = step(state, ref, {k: v.reshape(2, 2, -1) for k, v in batch.items()})
+    assert float(m1["pairs"]) == float(m2["pairs"]) == 3
+    for key in ("loss", "accuracy", "margin"):
+        assert float(m1[key]) == pytest.approx(float(m2[key]), rel=1e-5, abs=1e-7), key
+    moments = lambda s: [x for path, x in jax.tree_util.tree_flatten_with_path(s["opt_state"])[0]
+                         if "mu" in path_names(path)]
+    assert moments(s1)
+    for a, b in zip(moments(s1), moments(s2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-8)
+
+
 def test_dpo_raises_held_out_margin_and_accuracy(trained_run, tmp_path):
     from lmjax.train.loop import train
 
