@@ -153,3 +153,18 @@ def test_dpo_resumed_after_its_source_was_extended_keeps_the_recorded_reference(
     jax.tree.map(np.testing.assert_array_equal, reference, at_24)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(at_24), jax.tree.leaves(at_32),
                                                             strict=True))
+
+
+def test_init_from_a_gpt2_run_with_another_context_is_refused_either_way(tmp_path):
+    """A gpt2 model's learned position table has seq_len rows, so fine-tuning it at a longer or a shorter
+    context cannot load it; refused before any checkpoint is read (the source here has none)."""
+    from lmjax.run.restore import check_init_from
+
+    source = tiny_config("model.family=gpt2", "model.seq_len=32")
+    source.model.vocab_size = 512
+    Workdir(tmp_path / "src").save_config(source)
+    for seq_len in (16, 64):
+        cfg = tiny_config("model.family=gpt2", f"model.seq_len={seq_len}", f"init_from={tmp_path / 'src'}")
+        cfg.model.vocab_size = 512
+        with pytest.raises(ConfigError, match=rf"seq_len 32 \(there\) != {seq_len} \(here\)"):
+            check_init_from(cfg)
