@@ -1,4 +1,5 @@
-"""dpo_1b: preference tuning (DPO) of a chat-tuned `llama_1b` run on the ratings of its demo.
+"""dpo_1b: (untested accelerator config) preference tuning (DPO) of a chat-tuned `llama_1b` run on the
+ratings of its demo.
 
     lmjax feedback export --workdir runs/sft_1b --out prefs.jsonl
     lmjax train --config configs/dpo_1b.py --config.init_from=runs/sft_1b \\

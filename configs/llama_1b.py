@@ -1,4 +1,5 @@
-"""llama_1b: Llama-3.2-1B shapes (16 layers, d_model 2048, 32 heads / 8 KV heads, SwiGLU 8192, tied).
+"""llama_1b: (untested accelerator config) Llama-3.2-1B shapes: 16 layers, d_model 2048, 32/8 KV heads,
+SwiGLU 8192, tied.
 
     lmjax plan --config configs/llama_1b.py --devices 1 --device-memory-gb 80
 

@@ -1,4 +1,5 @@
-"""llama_7b: Llama-2-7B shapes (32 layers, d_model 4096, 32 heads, SwiGLU 11008, untied), FSDP on a pod.
+"""llama_7b: (untested accelerator config) Llama-2-7B shapes (32 layers, d_model 4096, 32 heads, SwiGLU
+11008, untied), FSDP on a pod.
 
     lmjax plan --config configs/llama_7b.py --devices 256 --config.mesh.data=1 --config.mesh.fsdp=-1
 

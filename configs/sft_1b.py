@@ -1,4 +1,5 @@
-"""sft_1b: chat fine-tuning of a pretrained `llama_1b` run (the quickstart's SFT step at accelerator scale).
+"""sft_1b: (untested accelerator config) chat fine-tuning of a pretrained `llama_1b` run (the quickstart's
+SFT step at accelerator scale).
 
     lmjax train --config configs/sft_1b.py --config.init_from=runs/llama_1b --workdir runs/sft_1b \\
         --config.data.train='chat:/data/chat/*.jsonl'

@@ -1,5 +1,6 @@
-"""Logical-axis rules, and one end-to-end check that a sharded run trains like a single device
-(the scale-out work extends this to every strategy and to several processes)."""
+"""Logical-axis rules, and end to end: every mesh strategy (and mixed precision, adversarial training, the
+speedrun recipe and scanned layers on a mixed mesh) trains like one device, and a checkpoint moves between
+meshes."""
 
 import json
 import os
@@ -79,7 +80,7 @@ def test_mesh_shape_resolves_and_rejects():
         mesh_shape(cfg, 6)
 
 
-# Every strategy of the scale-out issue, on 8 forced CPU devices; one process runs them all (see mesh_runs.py).
+# Every strategy, on 8 forced CPU devices; one process runs them all (see mesh_runs.py).
 STRATEGIES = {
     "dp8": ["mesh.data=8"],
     "fsdp8": ["mesh.data=1", "mesh.fsdp=8"],

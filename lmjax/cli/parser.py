@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="bpe", choices=("bpe", "unigram", "char"), help="SentencePiece model type")
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
     p.set_defaults(func=cmd_tokenizer_train)
+    p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
+    p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")
+    p.add_argument("--source", default="stdlib:val", help="held-out source spec")
+    p.set_defaults(func=cmd_tokenizer_stats)
     p = sub.add_parser("chat-data", help="write the embedded chat dataset (or one for your packages) as JSONL")
     p.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
     p.add_argument("--package", action="append", default=[], help="package to build it from (repeatable)")
@@ -264,9 +268,4 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than-days", type=float, default=None, help="delete what is older than this")
     p.add_argument("--conversation", default=None, help="delete this session / completion id")
     p.set_defaults(func=cmd_feedback_purge)
-
-    p = tok.add_parser("stats", help="bytes per token and byte-fallback share on held-out text")
-    p.add_argument("--tokenizer", required=True, help="directory (or file) of tokenizer.model")
-    p.add_argument("--source", default="stdlib:val", help="held-out source spec")
-    p.set_defaults(func=cmd_tokenizer_stats)
     return parser
