@@ -151,6 +151,9 @@ def test_second_identical_run_loads_its_programs_from_the_compile_cache(tmp_path
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "first step after" in proc.stdout
+        # The effective config, once: tiny.py's choices and the overrides, where they differ from the defaults.
+        assert "config, where it differs from the defaults: " in proc.stdout
+        assert "model.d_model=32" in proc.stdout and "train.decay='wsd'" in proc.stdout
         first.append(read_metrics(tmp_path / run / "metrics.jsonl")[0])
         if run == "cold":
             assert len(list((tmp_path / "cache" / "jax-compile").iterdir())) >= first[0]["programs_compiled"] > 0
