@@ -12,8 +12,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lmjax.config import ConfigError, base_config
+from lmjax.model.params import abstract_model
 from lmjax.parallel.mesh import check_model_fits_mesh, mesh_shape
-from lmjax.parallel.rules import DroppedAxis, logical_to_spec, resolve_spec, tree_specs
+from lmjax.parallel.rules import DroppedAxis, logical_to_spec, path_names, resolve_spec, tree_specs
+from lmjax.train.optim import make_optimizer
 
 RULES = dict(base_config().mesh.rules)
 
@@ -64,12 +66,30 @@ def test_model_check_logs_dropped_shardings_and_rejects_undivided_required_axes(
         "replicated along it: embed dim 0"]
 
 
-def test_optimizer_moments_follow_their_parameter():
-    params = {"w": jax.ShapeDtypeStruct((4, 8), "float32")}
-    axes = {"w": ("embed", "mlp")}
-    state = {"params": params, "opt": ({"mu": params, "nu": params}, {"count": jax.ShapeDtypeStruct((), "int32")})}
-    specs = tree_specs({"data": 1, "fsdp": 2, "tensor": 2}, RULES, state, axes)
-    assert specs["opt"][0]["mu"]["w"] == P("fsdp", "tensor") and specs["opt"][1]["count"] == P()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_moments_follow_their_parameter(optimizer):
+    """The optimizer state as optax builds it (clipping, AdamW or Muon with its AdamW side, the schedule's
+    counters): every moment is laid out like its parameter, everything else is replicated."""
+    cfg = base_config()
+    cfg.model.update(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64, seq_len=16)
+    cfg.train.optimizer = optimizer
+    _, params, axes = abstract_model(cfg.model)
+    state = {"params": params, "opt_state": jax.eval_shape(make_optimizer(cfg.train).init, params)}
+    sizes = {"data": 1, "fsdp": 2, "tensor": 2}
+    specs = tree_specs(sizes, RULES, state, axes)
+    param_specs = tree_specs(sizes, RULES, params, axes)
+    by_param = {path_names(p): spec for p, spec in jax.tree_util.tree_flatten_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, P))[0]}
+    moments = 0
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs["opt_state"], is_leaf=lambda x: isinstance(x, P))[0]:
+        names = path_names(path)
+        if {"mu", "nu"} & set(names):
+            moments += 1
+            param = max((p for p in by_param if names[-len(p):] == p), key=len)
+            assert spec == by_param[param], (names, spec)
+        else:
+            assert spec == P(), (names, spec)
+    assert moments >= len(by_param) and any(s != P() for s in by_param.values())
 
 
 def test_mesh_shape_resolves_and_rejects():
