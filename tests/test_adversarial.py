@@ -232,7 +232,7 @@ def test_lora_step_attacks_the_adapted_model():
     params = init_params(cfg.model, jax.random.PRNGKey(0))
     spec = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"))
     tx = make_optimizer(cfg.train)
-    state = init_lora_state(params, spec, "llama", tx, seed=0)
+    state = init_lora_state(params, spec, "swiglu", tx, seed=0)
     batch = _batch()
     run = lambda adv: jax.jit(functools.partial(lora_train_step, graphdef=graphdef, tx=tx, dropout=False, lora=spec,
                                                 adversarial=adv))(state, params, batch)

@@ -24,6 +24,7 @@ from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
 from lmjax.interop.hf import import_hf
 from lmjax.interop.hf_export import export_hf
+from lmjax.model.config import FAMILY_MLP, MLP_WEIGHTS, ModelConfig
 from lmjax.model.lora import LoraSpec, LoraWeight, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
 from lmjax.model.params import abstract_model, count_params, init_params
 from lmjax.run.checkpoint import Checkpointer
@@ -50,7 +51,7 @@ def tiny_model(family: str):
 
 def random_adapters(params, family: str, seed: int = 1):
     """Adapters with non-zero `b` (a trained adapter), so that they change the logits."""
-    adapters = init_adapters(params, SPEC, family, jax.random.PRNGKey(seed))
+    adapters = init_adapters(params, SPEC, FAMILY_MLP[family], jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
@@ -67,7 +68,7 @@ def logits(graphdef, params, tokens=TOKENS) -> np.ndarray:
 def test_merged_equals_unmerged_and_a_fresh_adapter_is_the_base(family, base_dtype):
     _, graphdef, params = tiny_model(family)
     base = frozen_base(params, base_dtype)
-    fresh = attach(base, init_adapters(params, SPEC, family, jax.random.PRNGKey(1)), SPEC)
+    fresh = attach(base, init_adapters(params, SPEC, FAMILY_MLP[family], jax.random.PRNGKey(1)), SPEC)
     np.testing.assert_array_equal(logits(graphdef, fresh), logits(graphdef, base))  # b = 0: exactly the base
     adapted = attach(base, random_adapters(params, family), SPEC)
     unmerged = logits(graphdef, adapted)
@@ -79,14 +80,14 @@ def test_merged_equals_unmerged_and_a_fresh_adapter_is_the_base(family, base_dty
 def test_targets_and_the_adapters_layout():
     _, _, params = tiny_model("llama")
     _, _, axes = abstract_model(tiny_model("llama")[0].model)
-    adapters = init_adapters(params, SPEC, "llama", jax.random.PRNGKey(0))
+    adapters = init_adapters(params, SPEC, "swiglu", jax.random.PRNGKey(0))
     attn = adapters["blocks"][0]["attn"]
     assert attn["query"]["a"].shape == (32, 4) and attn["query"]["b"].shape == (4, 4, 8)
     assert attn["out"]["a"].shape == (4, 8, 4) and attn["out"]["b"].shape == (4, 32)
     assert set(adapters["blocks"][1]["mlp"]) == {"gate", "up", "down"}
     assert not np.any(np.asarray(attn["key"]["b"]))
     only = LoraSpec(rank=2, targets=(), target_regex="blocks/1/attn/(query|value)")
-    assert [p[-1] for p in target_paths(params, only, "llama")] == ["query", "value"]
+    assert [p[-1] for p in target_paths(params, only, "swiglu")] == ["query", "value"]
     lora_axes = adapter_axes(axes, adapters)["blocks"][0]["attn"]
     assert lora_axes["out"] == {"a": ("heads", "head_dim", "lora_rank"), "b": ("lora_rank", "embed")}
 
@@ -96,7 +97,7 @@ def test_lora_state_holds_and_updates_only_the_adapters():
     moved and the base is bitwise what it was."""
     cfg, graphdef, params = tiny_model("llama")
     tx = optax.adamw(1e-2)
-    state = init_lora_state(params, SPEC, "llama", tx, seed=0)
+    state = init_lora_state(params, SPEC, "swiglu", tx, seed=0)
     n_adapters = count_params(state["params"])
     assert n_adapters < count_params(params) / 4
     moments = [x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
@@ -249,7 +250,8 @@ def lora_run_by_hand(tmp_path, tokenizer, family: str, *overrides: str):
     cfg = apply_overrides(open_workdir(base).load_config(), [f"init_from={base}", "init_from_step=7",
                                                              "train.lora.rank=4", "train.lora.alpha=8", *overrides])
     _, params, _ = abstract_model(cfg.model)
-    adapters = init_adapters(params, LoraSpec.from_config(cfg.train.lora), family, jax.random.PRNGKey(3))
+    adapters = init_adapters(params, LoraSpec.from_config(cfg.train.lora), ModelConfig.from_config(cfg.model).mlp,
+                             jax.random.PRNGKey(3))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
     adapters = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
@@ -329,13 +331,26 @@ def test_bad_lora_knobs_are_named(override, message):
 
 def test_lora_targets_the_model_lacks_are_named(tmp_path):
     _, _, params = tiny_model("llama")
-    for spec, message in [(LoraSpec(rank=2, targets=("fc_in",)), "'fc_in', which a llama model does not have"),
+    for spec, message in [(LoraSpec(rank=2, targets=("fc_in",)), "'fc_in', which a model with the swiglu MLP does "
+                                                                 "not have"),
                           (LoraSpec(rank=2, targets=(), target_regex="blocks/9/.*"), "matches no parameter"),
                           (LoraSpec(rank=2, target_regex="blocks/0/attn_norm/scale"), "not a block projection"),
                           (LoraSpec(rank=2, targets=()), "selects no weight")]:
         with pytest.raises(ConfigError, match=message):
-            target_paths(params, spec, "llama")
+            target_paths(params, spec, "swiglu")
     with pytest.raises(ConfigError, match="train.lora needs init_from"):
         train(tiny_config("train.lora.rank=4"), tmp_path / "no_base")
     with pytest.raises(ConfigError, match="supports train.objective=lm only"):
         validate(apply_overrides(base_config(), ["train.lora.rank=4", "train.objective=dpo"]))
+
+
+@pytest.mark.parametrize("family,mlp", [("llama", "relu2"), ("gpt2", "swiglu"), ("llama", "gelu")])
+def test_the_mlp_target_follows_the_models_mlp_not_its_family(family, mlp):
+    """`model.mlp` picks the MLP whatever the family (the speedrun recipe is llama with relu2): the target
+    "mlp" means that MLP's weights."""
+    cfg = base_config()
+    cfg.model.update(family=family, mlp=mlp, vocab_size=64, num_layers=1, num_heads=2, d_model=16, d_ff=32,
+                     seq_len=8)
+    _, params, _ = abstract_model(cfg.model)
+    paths = target_paths(params, LoraSpec(rank=2, targets=("mlp",)), mlp)
+    assert sorted(p[-1] for p in paths) == sorted(MLP_WEIGHTS[mlp])

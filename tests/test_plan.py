@@ -201,6 +201,22 @@ def test_flash_attention_drops_the_probabilities_from_the_estimate():
     assert "model.attention:      splash (auto on tpu)" in format_plan(plan(cfg, 1, backend="tpu"))
 
 
+@pytest.mark.parametrize("family,mlp", [("gpt2", "swiglu"), ("llama", "gelu"), ("gpt2", "relu2")])
+def test_plan_reads_the_mlp_from_model_mlp_not_from_the_family(family, mlp):
+    """`model.mlp` picks the MLP whatever the family: full remat recomputes every block matmul but the MLP's
+    output projection (`down`, or gelu's `fc_out`), and only SwiGLU keeps a third [B, T, F] tensor."""
+    kv = "model.num_kv_heads=0" if family == "gpt2" else "model.num_kv_heads=2"
+    cfg = _case_config([f"model.family={family}", kv, f"model.mlp={mlp}"], "full")
+    p = plan(cfg, 1)
+    m = cfg.model
+    attention = 4 * m.num_layers * m.num_heads * (m.d_model // m.num_heads) * m.seq_len
+    matrices = {"gelu": 2, "swiglu": 3, "relu2": 2}[mlp] * m.d_model * m.d_ff + 4 * m.d_model * m.d_model * (
+        1 if family == "gpt2" else 0.75)  # query, out and (llama: half-size) key, value
+    tokens = cfg.train.batch_size * m.seq_len
+    recompute = p["flops_per_step_by_remat"]["full"] - p["flops_per_step_by_remat"]["nothing"]
+    assert recompute == pytest.approx((2 * m.num_layers * (matrices - m.d_ff * m.d_model) + attention) * tokens)
+
+
 def test_plan_is_fast_and_the_cli_prints_the_remat_table():
     args = ["--config", "configs/llama_7b.py", "--devices", "256", "--device-memory-gb", "16",
             "--config.model.remat=full", "--config.train.grad_accum=4"]

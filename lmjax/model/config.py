@@ -24,6 +24,7 @@ TENSOR_PARALLEL_AXES = {
 
 
 FAMILY_MLP = {"gpt2": "gelu", "llama": "swiglu"}  # what `model.mlp=""` means
+MLP_WEIGHTS = {"gelu": ("fc_in", "fc_out"), "swiglu": ("gate", "up", "down"), "relu2": ("up", "down")}  # input first
 
 
 @functools.cache

@@ -26,13 +26,12 @@ from flax import struct, traverse_util
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
+from lmjax.model.config import MLP_WEIGHTS
 from lmjax.model.quantized import CONTRACTED, QArray, dequantize, quantize_params
 
-# The weights LoRA may adapt, per family (the block projections; never the embedding, head or norms), and
-# what the target "mlp" stands for.
-PROJECTIONS = {"gpt2": ("query", "key", "value", "out", "fc_in", "fc_out"),
-               "llama": ("query", "key", "value", "out", "gate", "up", "down")}
-MLP = {"gpt2": ("fc_in", "fc_out"), "llama": ("gate", "up", "down")}
+# The weights LoRA may adapt are the block projections (never the embedding, head or norms): attention's and
+# those of the model's MLP kind (`MLP_WEIGHTS`), which the target "mlp" stands for.
+ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 RANK_AXIS = "lora_rank"  # logical axis of the adapters' rank dimension (replicated by the default rules)
 
 
@@ -104,22 +103,24 @@ def path_name(path: tuple) -> str:
     return "/".join(str(k) for k in path)
 
 
-def target_paths(params, spec: LoraSpec, family: str) -> list[tuple]:
-    """Paths of the weights `spec` adapts: those named in `targets` ("mlp" = the family's MLP projections) and
-    those whose path `target_regex` matches in full. ConfigError for a target the family lacks, a regex that
-    matches nothing or something other than a block projection, and for no target at all."""
+def target_paths(params, spec: LoraSpec, mlp: str) -> list[tuple]:
+    """Paths of the weights `spec` adapts in a model with MLP kind `mlp` (resolved: gelu, swiglu or relu2):
+    those named in `targets` ("mlp" = the MLP's projections) and those whose path `target_regex` matches in
+    full. ConfigError for a target the model lacks, a regex that matches nothing or something other than a
+    block projection, and for no target at all."""
+    projections = ATTENTION_PROJECTIONS + MLP_WEIGHTS[mlp]
     names = set()
     for target in spec.targets:
-        named = MLP[family] if target == "mlp" else (target,)
-        missing = [n for n in named if n not in PROJECTIONS[family]]
+        named = MLP_WEIGHTS[mlp] if target == "mlp" else (target,)
+        missing = [n for n in named if n not in projections]
         if missing:
-            raise ConfigError(f"train.lora.targets names {target!r}, which a {family} model does not have; its "
-                              f"projections: mlp, {', '.join(PROJECTIONS[family])}")
+            raise ConfigError(f"train.lora.targets names {target!r}, which a model with the {mlp} MLP does not "
+                              f"have; its projections: mlp, {', '.join(projections)}")
         names.update(named)
     regex = re.compile(spec.target_regex) if spec.target_regex else None
     chosen, matched = [], []
     for path, _ in _paths(params):
-        is_projection = path[0] == "blocks" and path[-1] in PROJECTIONS[family]
+        is_projection = path[0] == "blocks" and path[-1] in projections
         if regex is not None and regex.fullmatch(path_name(path)):
             matched.append(path)
             if not is_projection:
@@ -143,11 +144,11 @@ def _lookup(tree: dict, path: tuple):
     return tree
 
 
-def init_adapters(params, spec: LoraSpec, family: str, rng: jax.Array) -> dict:
+def init_adapters(params, spec: LoraSpec, mlp: str, rng: jax.Array) -> dict:
     """Fresh adapters for the weights `spec` targets in `params` (arrays or shapes): `a` from N(0, 1/K) with K
     the contracted size (Kaiming-like: x a keeps x's scale), `b` zero; in each weight's dtype."""
     adapters = {}
-    for i, path in enumerate(target_paths(params, spec, family)):
+    for i, path in enumerate(target_paths(params, spec, mlp)):
         w = _lookup(params, path)
         n = CONTRACTED[path[-1]]
         contracted, kept = tuple(w.shape[:n]), tuple(w.shape[n:])

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
-from lmjax.model.config import FAMILY_MLP
+from lmjax.model.config import FAMILY_MLP, ModelConfig
 from lmjax.model.lora import LoraSpec, attach, frozen_base, init_adapters, merge
 from lmjax.model.params import abstract_model, stack_layers, unstack_layers
 from lmjax.model.quantized import for_matmul, quantize_params
@@ -83,7 +83,8 @@ def restore_model(wd: Workdir, step: int | None = None, merge_lora: bool = False
     lora = LoraSpec.from_config(cfg.train.lora)
     if lora.enabled:
         abstract_adapters = jax.eval_shape(
-            lambda p: init_adapters(p, lora, cfg.model.family, jax.random.PRNGKey(0)), abstract_params)
+            lambda p: init_adapters(p, lora, ModelConfig.from_config(cfg.model).mlp, jax.random.PRNGKey(0)),
+            abstract_params)
         with Checkpointer(wd.checkpoint_dir) as ckpt:
             step = ckpt.resolve_step(step)
             adapters = ckpt.restore_params(on_device(abstract_adapters), step)

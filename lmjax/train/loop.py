@@ -334,7 +334,8 @@ def _train(cfg: ConfigDict, wd: Workdir, startup: StartupClock) -> dict:
     tx = make_optimizer(t_cfg)
     lora, base, init_lora = LoraSpec.from_config(t_cfg.lora), None, None
     if lora.enabled:
-        init_lora = functools.partial(init_lora_state, abstract_params, lora, m_cfg.family, tx, t_cfg.seed)
+        init_lora = functools.partial(init_lora_state, abstract_params, lora, ModelConfig.from_config(m_cfg).mlp,
+                                      tx, t_cfg.seed)
         abstract_state = jax.eval_shape(init_lora)
         state_sharding = tree_shardings(mesh, rules, abstract_state, adapter_axes(axes, abstract_state["params"]))
         base = lora_base(cfg, with_sharding(abstract_params, tree_shardings(mesh, rules, abstract_params, axes)))

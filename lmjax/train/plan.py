@@ -12,11 +12,11 @@ from ml_collections import ConfigDict
 
 from lmjax.config import REMAT_POLICIES, ConfigError, validate
 from lmjax.model.attention_kernels import resolve_attention
-from lmjax.model.config import TENSOR_PARALLEL_AXES, ModelConfig
+from lmjax.model.config import MLP_WEIGHTS, TENSOR_PARALLEL_AXES, ModelConfig
 from lmjax.model.lora import LoraSpec, adapter_axes, frozen_base
 from lmjax.model.params import abstract_model, count_params, flops_per_token
 from lmjax.parallel.mesh import batch_shards, check_model_fits_mesh, mesh_shape
-from lmjax.parallel.rules import logical_to_spec, tree_specs
+from lmjax.parallel.rules import logical_to_spec, path_names, tree_specs
 from lmjax.run.restore import starting_model
 from lmjax.train.metrics import peak_cache, training_dtype
 from lmjax.train.optim import make_optimizer
@@ -91,11 +91,11 @@ def activation_bytes(cfg: ConfigDict, sizes: dict[str, int], micro_batch: int, r
     hidden = per_device((B, T, F), ("batch", "length", "mlp"), s)
     widest = per_device((B, T, max(D, F)), ("batch", "length", "mlp" if F > D else "embed"), 4)
     logits = per_device((B, T, V), ("batch", "length", "vocab"), 1)
-    llama = m.family == "llama"
+    gated = m.mlp == "swiglu"  # it keeps gate, up and their product where gelu and relu2 keep input and output
     kept = {
-        "nothing": 4 * resid + 2 * q + kv + scores * (4 + (s if s < 4 else 0)) + lse + (3 if llama else 2) * hidden
+        "nothing": 4 * resid + 2 * q + kv + scores * (4 + (s if s < 4 else 0)) + lse + (3 if gated else 2) * hidden
         + (2 * resid / s if m.dropout > 0 else 0) + (block_weight_bytes if s < 4 else 0),
-        "dots": 2 * resid + q + kv + (2 if llama else 1) * hidden,
+        "dots": 2 * resid + q + kv + (2 if gated else 1) * hidden,
         "full": resid,
     }
     if remat not in kept:
@@ -115,8 +115,9 @@ def recompute_flops_per_token(cfg: ConfigDict, block, remat: str) -> float:
         return 0.0
     if remat == "dots":
         return float(attention)
-    mlp_out = block["mlp"]["down" if m.family == "llama" else "fc_out"]
-    per_block = sum(math.prod(x.shape) for x in jax.tree.leaves(block) if len(x.shape) > 1)
+    mlp_out = block["mlp"][MLP_WEIGHTS[m.mlp][-1]]
+    per_block = sum(math.prod(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(block)[0]
+                    if len(x.shape) > 1 and not path_names(path)[-1].endswith("bias"))  # [H, hd] biases are no matmul
     return float(2 * m.num_layers * (per_block - math.prod(mlp_out.shape)) + attention)
 
 
@@ -172,7 +173,7 @@ def plan(cfg: ConfigDict, num_devices: int, device_memory_gb: float = 0.0, backe
     lora = LoraSpec.from_config(t.lora)
     base_bytes = unsharded_base = 0
     if lora.enabled:  # trainable: the adapters; the frozen base is held once, in its dtype, without gradients
-        state = jax.eval_shape(functools.partial(init_lora_state, params, lora, m.family, make_optimizer(t), 0))
+        state = jax.eval_shape(functools.partial(init_lora_state, params, lora, m.mlp, make_optimizer(t), 0))
         specs = tree_specs(sizes, rules, state, adapter_axes(axes, state["params"]))
         base = jax.eval_shape(functools.partial(frozen_base, base_dtype=lora.base_dtype), params)
         base_bytes = _bytes_per_device(base, tree_specs(sizes, rules, base, axes), sizes)

@@ -73,11 +73,11 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.
     return _lm_update(state, batch, graphdef, tx, dropout, lambda params, rng: params, adversarial)
 
 
-def init_lora_state(base: Params, lora: LoraSpec, family: str, tx: optax.GradientTransformation, seed: int) -> State:
+def init_lora_state(base: Params, lora: LoraSpec, mlp: str, tx: optax.GradientTransformation, seed: int) -> State:
     """Step 0 of a LoRA run: fresh adapters for the weights `lora` targets in `base` (arrays or shapes) as the
     trainable params, their optimizer state and the dropout RNG. The base itself is not part of the state."""
     adapter_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
-    return start_state(init_adapters(base, lora, family, adapter_rng), tx, seed)
+    return start_state(init_adapters(base, lora, mlp, adapter_rng), tx, seed)
 
 
 def lora_train_step(state: State, base: Params, batch: Batch, *, graphdef: nnx.GraphDef,
