@@ -24,7 +24,7 @@ from lmjax.eval.chat_qa import answer, qa_pairs, score
 from lmjax.infer.sampler import Sampler
 from lmjax.interop.hf import import_hf
 from lmjax.interop.hf_export import export_hf
-from lmjax.model.config import FAMILY_MLP, MLP_WEIGHTS, ModelConfig
+from lmjax.model.config import FAMILY, MLP_WEIGHTS, ModelConfig
 from lmjax.model.lora import LoraSpec, LoraWeight, adapter_axes, attach, frozen_base, init_adapters, merge, target_paths
 from lmjax.model.params import abstract_model, count_params, init_params
 from lmjax.run.checkpoint import Checkpointer
@@ -51,7 +51,7 @@ def tiny_model(family: str):
 
 def random_adapters(params, family: str, seed: int = 1):
     """Adapters with non-zero `b` (a trained adapter), so that they change the logits."""
-    adapters = init_adapters(params, SPEC, FAMILY_MLP[family], jax.random.PRNGKey(seed))
+    adapters = init_adapters(params, SPEC, FAMILY[family].mlp, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
@@ -68,7 +68,7 @@ def logits(graphdef, params, tokens=TOKENS) -> np.ndarray:
 def test_merged_equals_unmerged_and_a_fresh_adapter_is_the_base(family, base_dtype):
     _, graphdef, params = tiny_model(family)
     base = frozen_base(params, base_dtype)
-    fresh = attach(base, init_adapters(params, SPEC, FAMILY_MLP[family], jax.random.PRNGKey(1)), SPEC)
+    fresh = attach(base, init_adapters(params, SPEC, FAMILY[family].mlp, jax.random.PRNGKey(1)), SPEC)
     np.testing.assert_array_equal(logits(graphdef, fresh), logits(graphdef, base))  # b = 0: exactly the base
     adapted = attach(base, random_adapters(params, family), SPEC)
     unmerged = logits(graphdef, adapted)

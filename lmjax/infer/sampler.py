@@ -109,7 +109,7 @@ def cache_length(cfg: ModelConfig, max_len: int | None) -> int:
     """KV-cache slots per row: `max_len`, default the training context; gpt2 cannot go past its learned
     positions."""
     max_len = max_len or cfg.seq_len
-    if max_len > cfg.seq_len and cfg.family == "gpt2":
+    if max_len > cfg.seq_len and cfg.arch.learned_positions:
         raise ValueError(f"max_len {max_len} exceeds the learned positions ({cfg.seq_len})")
     return max_len
 

@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
 from lmjax.config import ConfigError
-from lmjax.model.config import FAMILY_MLP, ModelConfig
+from lmjax.model.config import FAMILY, ModelConfig
 from lmjax.model.lora import LoraSpec, LoraWeight, merge
 from lmjax.model.params import Params
 from lmjax.run.restore import restore_model
@@ -40,7 +40,7 @@ SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | HFTokenizer) -> dict:
     """config.json of the Hugging Face model with `cfg`'s shapes and `tokenizer`'s bos/eos/pad ids."""
-    custom = {"model.mlp": cfg.mlp != FAMILY_MLP[cfg.family], "model.qk_norm": cfg.qk_norm,
+    custom = {"model.mlp": cfg.mlp != FAMILY[cfg.family].mlp, "model.qk_norm": cfg.qk_norm,
               "model.logit_softcap": cfg.logit_softcap > 0}
     if any(custom.values()):
         raise ConfigError(f"{', '.join(k for k, v in custom.items() if v)} changes the {cfg.family} architecture: "

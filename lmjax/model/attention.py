@@ -64,12 +64,12 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.implementation = cfg.attention
         # RoPE inverse frequencies as a static tuple (not a parameter); None for GPT-2's learned positions.
-        self.rope = tuple(cfg.rope_frequencies().tolist()) if cfg.family == "llama" else None
+        self.rope = None if cfg.arch.learned_positions else tuple(cfg.rope_frequencies().tolist())
         self.query = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
         self.key = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.value = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.out = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std=out_std)
-        self.use_bias = cfg.family == "gpt2"  # on all four projections
+        self.use_bias = cfg.arch.attention_bias  # on all four projections
         self.qkv_bias = self.use_bias or cfg.qkv_bias
         if self.qkv_bias:
             self.query_bias = param(rngs, (h, hd), ("heads", "head_dim"), pdt, std=None)

@@ -23,7 +23,18 @@ TENSOR_PARALLEL_AXES = {
 }
 
 
-FAMILY_MLP = {"gpt2": "gelu", "llama": "swiglu"}  # what `model.mlp=""` means
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What `model.family` fixes about the architecture (the other knobs say the rest)."""
+
+    layer_norm: bool  # LayerNorm with a bias (gpt2), else RMSNorm
+    learned_positions: bool  # a learned [seq_len, d_model] table added to the embeddings (gpt2), else RoPE
+    attention_bias: bool  # biases on all four attention projections (gpt2)
+    mlp: str  # the MLP that `model.mlp=""` means
+
+
+FAMILY = {"gpt2": Family(layer_norm=True, learned_positions=True, attention_bias=True, mlp="gelu"),
+          "llama": Family(layer_norm=False, learned_positions=False, attention_bias=False, mlp="swiglu")}
 MLP_WEIGHTS = {"gelu": ("fc_in", "fc_out"), "swiglu": ("gate", "up", "down"), "relu2": ("up", "down")}  # input first
 
 
@@ -91,9 +102,14 @@ class ModelConfig:
         values = {f.name: cfg[f.name] for f in dataclasses.fields(cls)}
         values["num_kv_heads"] = cfg.num_kv_heads or cfg.num_heads
         values["head_dim"] = cfg.head_dim or cfg.d_model // cfg.num_heads
-        values["mlp"] = cfg.mlp or FAMILY_MLP[cfg.family]
+        values["mlp"] = cfg.mlp or FAMILY[cfg.family].mlp
         values["dtype"] = compute_dtype(cfg.dtype, jax.default_backend())
         return cls(**values)
+
+    @property
+    def arch(self) -> Family:
+        """What the family fixes: norm, positions, attention biases."""
+        return FAMILY[self.family]
 
     def rope_frequencies(self) -> np.ndarray:
         """RoPE's inverse frequencies [head_dim / 2] (float32), with Llama 3's scaling when `rope_scaling` is

@@ -68,7 +68,7 @@ def matmul_params(cfg: ModelConfig | ConfigDict, params: Params) -> int:
     n = count_params(params)
     if not cfg.tie_embeddings:
         n -= cfg.padded_vocab * cfg.d_model
-    if cfg.family == "gpt2":
+    if cfg.arch.learned_positions:
         n -= cfg.seq_len * cfg.d_model
     return n
 

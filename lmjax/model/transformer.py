@@ -50,7 +50,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         out_std = None if cfg.zero_init_out else 0.02 / math.sqrt(2 * cfg.num_layers)  # None: zeros
-        norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
+        norm = LayerNorm if cfg.arch.layer_norm else RMSNorm
         mlp = MLPS[cfg.mlp]
         self.dropout = cfg.dropout
         self.attn_norm = norm(cfg.d_model, cfg.norm_eps, pdt, rngs)
@@ -75,18 +75,18 @@ class Transformer(nnx.Module):
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         pdt = jnp.dtype(cfg.param_dtype)
         vocab = cfg.padded_vocab
-        self.family = cfg.family
         self.dtype = jnp.dtype(cfg.dtype)
         self.dropout = cfg.dropout
         self.vocab_size = cfg.vocab_size
         self.embed = param(rngs, (vocab, cfg.d_model), ("vocab", "embed"), pdt)
-        if cfg.family == "gpt2":
+        self.learned_positions = cfg.arch.learned_positions
+        if self.learned_positions:
             self.pos_embed = param(rngs, (cfg.seq_len, cfg.d_model), ("position", "embed"), pdt, std=0.01)
         blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
         self.num_layers = cfg.num_layers
         self.scan_layers = cfg.scan_layers
         self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
-        self.final_norm = (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
+        self.final_norm = (LayerNorm if cfg.arch.layer_norm else RMSNorm)(cfg.d_model, cfg.norm_eps, pdt, rngs)
         self.tie_embeddings = cfg.tie_embeddings
         self.logit_softcap = cfg.logit_softcap
         self.remat = cfg.remat
@@ -115,7 +115,7 @@ class Transformer(nnx.Module):
         x = embed_tokens(self.embed, tokens, self.dtype)
         if embed_delta is not None:
             x = x + embed_delta.astype(self.dtype)
-        if self.family == "gpt2":
+        if self.learned_positions:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         # One dropout key per layer (the block splits it for its two dropouts) and one for the embeddings.

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lmjax.config import ConfigError
-from lmjax.model.config import FAMILY_MLP, ModelConfig
+from lmjax.model.config import FAMILY, ModelConfig
 from lmjax.model.lora import LoraSpec, attach, frozen_base, init_adapters, merge
 from lmjax.model.params import abstract_model, stack_layers, unstack_layers
 from lmjax.model.quantized import for_matmul, quantize_params
@@ -107,7 +107,7 @@ def starting_model(cfg: ConfigDict) -> ConfigDict:
     model = ConfigDict(cfg.model.to_dict())
     if cfg.init_model:
         source = Workdir(cfg.init_from).load_config().model
-        for key in (*SHAPE_KEYS, *ARCH_KEYS, *(("seq_len",) if source.family == "gpt2" else ())):
+        for key in (*SHAPE_KEYS, *ARCH_KEYS, *(("seq_len",) if FAMILY[source.family].learned_positions else ())):
             model[key] = source[key]
     if model.vocab_size == 0 and cfg.tokenizer.path:
         model.vocab_size = load_tokenizer(cfg.tokenizer.path).vocab_size
@@ -138,7 +138,7 @@ def check_init_from(cfg: ConfigDict) -> int:
     source_model = source_cfg.model
     diff = {k: (_shape_knob(source_model, k), _shape_knob(cfg.model, k)) for k in SHAPE_KEYS
             if _shape_knob(source_model, k) != _shape_knob(cfg.model, k)}
-    if cfg.model.family == "gpt2" and source_model.seq_len != cfg.model.seq_len:
+    if FAMILY[cfg.model.family].learned_positions and source_model.seq_len != cfg.model.seq_len:
         diff["seq_len"] = (source_model.seq_len, cfg.model.seq_len)  # the learned position table's shape
     if diff:
         raise ConfigError(f"init_from {source.path} has a different model: "
@@ -149,7 +149,7 @@ def check_init_from(cfg: ConfigDict) -> int:
 
 def _shape_knob(model: ConfigDict, key: str):
     """`model[key]`, with `mlp=""` read as the family's MLP (what it builds)."""
-    return (model.mlp or FAMILY_MLP[model.family]) if key == "mlp" else model[key]
+    return (model.mlp or FAMILY[model.family].mlp) if key == "mlp" else model[key]
 
 
 def init_params_from(cfg: ConfigDict, abstract_params):
