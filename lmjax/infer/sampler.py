@@ -150,11 +150,10 @@ class Sampler:
     def _text(self, ids: list[int], cut: int | None) -> str:
         return self.tokenizer.decode(ids)[:cut]
 
-    def _stop_at(self, ids: list[int], stop: Sequence[str]) -> int | None:
+    def _stop_at(self, ids: list[int], stop: Sequence[str], window: int) -> int | None:
         """Where the text of `ids` ends if a stop string has just appeared in it, else None. Only the last
-        tokens are decoded each step, enough to hold the longest stop string even at 4 byte tokens a
-        character (so a generation costs O(n), not O(n²)); the whole text is decoded once, on a hit."""
-        window = 4 * max(map(len, stop)) + 4
+        `window` tokens are decoded each step (so a generation costs O(n), not O(n²)); the whole text is
+        decoded once, on a hit."""
         tail = self.tokenizer.decode(ids[-window:])
         if not any(s in tail for s in stop):
             return None
@@ -167,6 +166,7 @@ class Sampler:
         """After every decoded token, each row's generated ids (without eos; the live lists, so read them before
         the next step) and where its text ends (None: at its end; set once a stop string appears)."""
         stop = [s for s in stop if s]
+        window = 4 * max(map(len, stop), default=0) + 4  # holds the longest stop string even at 4 byte tokens a char
         ids = [list(p) for p in prompt_ids] if prompt_ids is not None else [
             [self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
         batch, longest = len(ids), max(len(p) for p in ids)
@@ -201,7 +201,7 @@ class Sampler:
                     done[row] = True
                     continue
                 generated[row].append(int(host_token[row]))
-                if stop and (cut := self._stop_at(generated[row], stop)) is not None:
+                if stop and (cut := self._stop_at(generated[row], stop, window)) is not None:
                     cuts[row], done[row] = cut, True
             yield list(zip(generated, cuts, strict=True))
             if all(done) or last_step:

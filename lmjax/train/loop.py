@@ -182,8 +182,8 @@ def prepare_run(cfg: ConfigDict, wd: Workdir) -> tuple[ConfigDict, Tokenizer]:
         saved = ConfigDict(cfg.to_dict())
         saved.distributed = base_config().distributed  # how processes join is not part of the run
         wd.save_config(saved)
-    log("config, where it differs from the defaults: " + ", ".join(
-        f"{k}={new!r}" for k, (_, new) in config_diff(base_config(), cfg).items() if not k.startswith("distributed.")))
+        log("config, where it differs from the defaults: " + ", ".join(
+            f"{k}={new!r}" for k, (_, new) in config_diff(base_config(), saved).items()))
     return cfg, tokenizer
 
 
